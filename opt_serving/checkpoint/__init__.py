@@ -1,0 +1,1 @@
+"""Reading, writing and interpreting metaseq checkpoint files (safely, and lazily)."""

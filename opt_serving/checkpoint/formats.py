@@ -1,0 +1,218 @@
+"""What a set of checkpoint files holds, and a per-rank view of its tensors by metaseq name.
+
+Three layouts reach us (checkpoints.md): a consolidated file (fused ``qkv_proj`` or separate
+``k/v/q_proj``), model-parallel parts ``*-model_part-{r}.pt``, and raw FSDP shards
+``*-model_part-{r}-shard{d}.pt`` whose parameters are flattened. ``open_parts`` turns any of
+them into ``Part`` objects: ``part.tensors[name]`` has ``shape``, ``dtype`` and ``read()``.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..config import OPTConfig
+from . import safe_pickle
+from .errors import CheckpointError
+from .safe_pickle import LazyTensor
+
+PART_RE = re.compile(r"^(?P<stem>.*?)-model_part-(?P<part>\d+)(?:-shard(?P<shard>\d+))?\.pt$")
+
+
+def _sorted_parts(files: list[str]) -> list[list[str]]:
+    """Group files into parts[r] = [shard 0, shard 1, ...]; check nothing is missing."""
+    if len(files) == 1 and not PART_RE.match(os.path.basename(files[0])):
+        return [files]
+    groups: dict[str, dict[int, dict[int, str]]] = {}
+    for f in files:
+        m = PART_RE.match(os.path.basename(f))
+        if not m:
+            raise CheckpointError(f, "does not look like a model-parallel part "
+                                  "(*-model_part-N.pt) but was given with others",
+                                  "pass one consolidated file, or only the parts of one "
+                                  "checkpoint")
+        groups.setdefault(os.path.join(os.path.dirname(f), m["stem"]), {}).setdefault(
+            int(m["part"]), {})[int(m["shard"] or 0)] = f
+    if len(groups) > 1:
+        raise CheckpointError(", ".join(sorted(groups)), "are parts of different checkpoints",
+                              "pass the parts of one checkpoint only")
+    (stem, parts), = groups.items()
+    if sorted(parts) != list(range(len(parts))):
+        raise CheckpointError(stem, f"has parts {sorted(parts)}: some model_part files are "
+                              "missing", "copy every part (0 .. N-1) next to the others")
+    out = []
+    for r in range(len(parts)):
+        shards = parts[r]
+        if sorted(shards) != list(range(len(shards))):
+            raise CheckpointError(stem, f"part {r} has shards {sorted(shards)}: some are missing",
+                                  "copy every -shard file of every part")
+        out.append([shards[d] for d in range(len(shards))])
+    return out
+
+
+def discover(inputs: list[str]) -> list[list[str]]:
+    """Files, globs, folders, or metaseq's virtual ``<folder>/reshard.pt`` -> parts[r][shard]."""
+    files: list[str] = []
+    for item in inputs:
+        if os.path.isdir(item):
+            found = sorted(str(p) for p in Path(item).glob("*.pt") if PART_RE.match(p.name))
+            if not found:
+                found = sorted(str(p) for p in Path(item).glob("*.pt"))
+            if not found:
+                raise CheckpointError(item, "holds no checkpoint (*.pt) files",
+                                      "point at the folder that holds the .pt files")
+            files += found
+        elif os.path.isfile(item):
+            files.append(item)
+        elif any(c in item for c in "*?["):
+            found = sorted(glob.glob(item))
+            if not found:
+                raise CheckpointError(item, "matches no file", "check the pattern")
+            files += found
+        else:
+            stem = item[:-3] if item.endswith(".pt") else item
+            virtual = sorted(glob.glob(glob.escape(stem) + "-model_part-*.pt"))
+            if not virtual:
+                raise CheckpointError(item, "does not exist", "check the path")
+            files += virtual
+    return _sorted_parts(sorted(set(files), key=files.index))
+
+
+@dataclass(frozen=True)
+class FlatSlice:
+    """One parameter inside an FSDP flat parameter that is split over DP shard files."""
+
+    pieces: tuple[tuple[LazyTensor, int], ...]  # (shard's flat tensor, its unpadded numel)
+    start: int  # offset of this parameter in the unpadded concatenation
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+    def read(self) -> torch.Tensor:
+        want_lo, want_hi = self.start, self.start + math.prod(self.shape)
+        out, base = [], 0
+        for flat, valid in self.pieces:
+            lo, hi = max(want_lo, base), min(want_hi, base + valid)
+            if lo < hi:
+                out.append(flat.read(rows=(lo - base, hi - base)))
+            base += valid
+        return torch.cat(out).view(self.shape)
+
+
+@dataclass
+class Part:
+    """Model-parallel rank ``rank``: its tensors by metaseq name and its checkpoint dict."""
+
+    rank: int
+    files: list[str]
+    ckpt: dict
+    tensors: dict = field(default_factory=dict)  # name -> LazyTensor | FlatSlice
+    flattened: bool = False
+
+    @property
+    def kind(self) -> str:
+        if self.flattened:
+            return "flattened FSDP shards"
+        if any(n.endswith("self_attn.q_proj.weight") for n in self.tensors):
+            return "separate q,k,v"
+        return "fused qkv"
+
+
+def _checkpoint_dict(path: str) -> dict:
+    obj = safe_pickle.load(path)
+    if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
+        raise CheckpointError(path, "is a torch file but not a metaseq checkpoint (no 'model' "
+                              "state dict)", "pass a metaseq checkpoint (consolidated.pt, "
+                              "*-model_part-N.pt or FSDP shards)")
+    return obj
+
+
+def _strip(name: str) -> str:
+    return name[len("module."):] if name.startswith("module.") else name
+
+
+def _unflatten(files: list[str], dicts: list[dict]) -> dict:
+    """FSDP shards of one part -> name -> FlatSlice (checkpoints.md section 4)."""
+    meta0 = dicts[0].get("shard_metadata")
+    if not isinstance(meta0, dict) or "param_metadata" not in meta0:
+        raise CheckpointError(files[0], "has flattened parameters but no shard_metadata",
+                              "this file cannot be un-flattened; use the original FSDP shards")
+    out: dict = {}
+    for i, entry in enumerate(meta0["param_metadata"]):
+        path = entry.get("fsdp_path", "")
+        for flat_name, info in entry["params"].items():
+            key = f"{path}.{flat_name}" if path else flat_name
+            pieces = []
+            for f, d in zip(files, dicts):
+                flat = d["model"].get(key)
+                if not isinstance(flat, LazyTensor):
+                    raise CheckpointError(f, f"lacks the flat parameter {key}",
+                                          "the shard is incomplete: copy it again")
+                pad = int(d["shard_metadata"]["param_metadata"][i]["params"][flat_name]["padding"])
+                pieces.append((flat, flat.numel - pad))
+            start = 0
+            for name, shape, numel in zip(info["names"], info["shapes"], info["numels"]):
+                full = f"{path}.{name}" if path else name
+                out[_strip(full)] = FlatSlice(tuple(pieces), start, tuple(shape), pieces[0][0].dtype)
+                start += int(numel)
+            if start > sum(v for _, v in pieces):
+                raise CheckpointError(files[0], f"flat parameter {key} is shorter than its "
+                                      "metadata says", "a shard is truncated: copy it again")
+    for name in meta0.get("buffer_names", []):
+        if isinstance(dicts[0]["model"].get(name), LazyTensor):
+            out[_strip(name)] = dicts[0]["model"][name]
+    return out
+
+
+def open_part(rank: int, files: list[str]) -> Part:
+    dicts = [_checkpoint_dict(f) for f in files]
+    model = dicts[0]["model"]
+    flattened = any(k.endswith("flat_param_0") for k in model)
+    if flattened:
+        tensors = _unflatten(files, dicts)
+    else:
+        if len(files) > 1:
+            raise CheckpointError(files[1], "is a -shard file whose parameters are not flattened",
+                                  "pass the consolidated parts instead of FSDP shards")
+        tensors = {_strip(k): v for k, v in model.items() if isinstance(v, LazyTensor)}
+    return Part(rank, files, dicts[0], tensors, flattened)
+
+
+def open_parts(inputs: list[str]) -> list[Part]:
+    return [open_part(r, files) for r, files in enumerate(discover(inputs))]
+
+
+def model_config(part: Part) -> OPTConfig:
+    ckpt = part.ckpt
+    cfg = ckpt.get("cfg")
+    model_cfg = cfg.get("model") if isinstance(cfg, dict) else None
+    if model_cfg is None:
+        model_cfg = ckpt.get("args")
+    if model_cfg is None:
+        raise CheckpointError(part.files[0], "has no model configuration (cfg['model'] or args)",
+                              "use the checkpoint's original files, which carry their cfg")
+    try:
+        return OPTConfig.from_metaseq(model_cfg)
+    except (KeyError, ValueError, TypeError) as e:
+        raise CheckpointError(part.files[0], f"has an unusable model configuration ({e})",
+                              "use the checkpoint's original files") from None
+
+
+def read_config(path: str) -> tuple[OPTConfig, int]:
+    """The model config and model-parallel degree of a file or folder; no weights are read."""
+    parts = discover([path])
+    return model_config(open_part(0, parts[0])), len(parts)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(
+        dtype, str(dtype).replace("torch.", ""))

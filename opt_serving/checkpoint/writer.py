@@ -1,0 +1,206 @@
+"""Write ``torch.save``-compatible checkpoints one tensor at a time.
+
+``torch.save`` needs every tensor in memory before it writes. We know every output shape in
+advance, so the pickle (``data.pkl``) is written first with ``TensorSpec`` stand-ins and each
+tensor's bytes follow as they are produced: a writer holds one tensor at a time. The file is
+hashed (sha256) as it streams out, written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import hashlib
+import io
+import os
+import pickle
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from .errors import CheckpointError
+from .safe_pickle import STORAGE_NAMES
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor to be written later: its place in the pickle and its storage key."""
+
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+class _StorageId:
+    def __init__(self, spec: TensorSpec):
+        self.spec = spec
+
+
+class _SpecPickler(pickle.Pickler):
+    """Pickles TensorSpec exactly as torch.save pickles a contiguous tensor."""
+
+    def reducer_override(self, obj):
+        if isinstance(obj, TensorSpec):
+            stride, acc = [], 1
+            for s in reversed(obj.shape):
+                stride.append(acc)
+                acc *= s
+            return (torch._utils._rebuild_tensor_v2,
+                    (_StorageId(obj), 0, tuple(obj.shape), tuple(reversed(stride)), False,
+                     collections.OrderedDict()))
+        return NotImplemented
+
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageId):
+            spec = obj.spec
+            return ("storage", getattr(torch, STORAGE_NAMES[spec.dtype]), spec.key, "cpu",
+                    spec.numel)
+        return None
+
+
+class _HashingFile(io.RawIOBase):
+    def __init__(self, f):
+        self.f, self.sha, self.size = f, hashlib.sha256(), 0
+
+    def writable(self):
+        return True
+
+    def write(self, b):
+        n = self.f.write(b)
+        self.sha.update(memoryview(b)[:n])
+        self.size += n
+        return n
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        return True
+    text = str(exc).lower()
+    return "no space" in text or "file too large" in text or "file write failed" in text
+
+
+class CheckpointWriter:
+    """``with CheckpointWriter(path, obj) as w: w.write(spec, tensor)`` for every spec in obj.
+
+    ``obj`` is the checkpoint dict with ``TensorSpec`` leaves. Nothing appears at ``path``
+    unless every tensor was written; on any error the temporary file is removed.
+    """
+
+    def __init__(self, path: str | os.PathLike, obj: object):
+        self.path = str(path)
+        self.tmp = f"{self.path}.partial-{os.getpid()}"
+        buf = io.BytesIO()
+        _SpecPickler(buf, protocol=2).dump(obj)
+        self._pickle = buf.getvalue()
+        self.pending: dict[str, TensorSpec] = {}
+        self._collect(obj)
+        self.sha256 = ""
+        self.size = 0
+
+    def _collect(self, obj):
+        if isinstance(obj, TensorSpec):
+            self.pending[obj.key] = obj
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                self._collect(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                self._collect(v)
+
+    def __enter__(self):
+        self._file = open(self.tmp, "wb")
+        self._hash = _HashingFile(self._file)
+        self._zip = torch._C.PyTorchFileWriter(self._hash)
+        self._guard(self._write_header)
+        return self
+
+    def _write_header(self):
+        self._zip.write_record("data.pkl", self._pickle, len(self._pickle))
+        self._zip.write_record(".format_version", "1", 1)
+        self._zip.write_record(".storage_alignment", "64", 2)
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+
+    def write(self, spec: TensorSpec, tensor: torch.Tensor) -> None:
+        if self.pending.pop(spec.key, None) is None:
+            raise RuntimeError(f"tensor {spec.key} is not expected or was already written")
+        if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"tensor {spec.key}: got {tuple(tensor.shape)} {tensor.dtype}, "
+                               f"planned {spec.shape} {spec.dtype}")
+        t = tensor.detach().to("cpu").contiguous()
+        if t.storage_offset() or t.untyped_storage().nbytes() != spec.nbytes:
+            t = t.clone()  # a view into a larger tensor: the record must hold exactly its bytes
+        self._guard(lambda: self._zip.write_record(f"data/{spec.key}", t.untyped_storage(),
+                                                   spec.nbytes))
+
+    def _guard(self, fn):
+        try:
+            fn()
+        except (OSError, RuntimeError) as e:
+            if is_disk_full(e):
+                raise CheckpointError(self.path, "could not be written: the disk is full "
+                                      f"({e})", "free space or choose another --output-dir; "
+                                      "nothing was left behind") from None
+            raise
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is None:
+                if self.pending:
+                    raise RuntimeError(f"{len(self.pending)} tensors were never written to "
+                                       f"{self.path}")
+                self._guard(self._zip.write_end_of_file)
+                self._guard(self._file.flush)
+                self._guard(lambda: os.fsync(self._file.fileno()))
+        except BaseException:
+            self._abort()
+            raise
+        if exc_type is not None:
+            self._abort()
+            return False
+        self._file.close()
+        self.sha256, self.size = self._hash.sha.hexdigest(), self._hash.size
+        os.replace(self.tmp, self.path)
+        return False
+
+    def _abort(self):
+        try:
+            self._file.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self.tmp)
+        except FileNotFoundError:
+            pass
+
+
+def save_state(path: str | os.PathLike, obj: object) -> tuple[str, int]:
+    """Write ``obj`` (real tensors as leaves) through the streaming writer. Returns (sha, size)."""
+    tensors: list[tuple[TensorSpec, torch.Tensor]] = []
+
+    def to_spec(o):
+        if isinstance(o, torch.Tensor):
+            spec = TensorSpec(str(len(tensors)), tuple(o.shape), o.dtype)
+            tensors.append((spec, o))
+            return spec
+        if isinstance(o, dict):
+            return type(o)((k, to_spec(v)) for k, v in o.items())
+        if isinstance(o, (list, tuple)):
+            return type(o)(to_spec(v) for v in o)
+        return o
+
+    with CheckpointWriter(path, to_spec(obj)) as w:
+        for spec, t in tensors:
+            w.write(spec, t)
+    return w.sha256, w.size
