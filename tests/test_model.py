@@ -1,0 +1,119 @@
+"""The decoder against HF transformers' OPT (an implementation nobody here wrote)."""
+
+import pytest
+import torch
+
+from opt_serving.config import DICT_SIZE, PRESETS, get_preset
+from opt_serving.model import KVCache, OPTModel, init_random
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_twin(model: OPTModel):
+    """HF OPTForCausalLM holding the same weights (fused [K; V; Q] -> k/v/q_proj)."""
+    cfg = model.cfg
+    hf_cfg = transformers.OPTConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
+        ffn_dim=cfg.ffn_dim, num_attention_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_positions, do_layer_norm_before=True,
+        word_embed_proj_dim=cfg.embed_dim, dropout=0.0, attention_dropout=0.0,
+        activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)
+    hf = transformers.OPTForCausalLM(hf_cfg).eval()
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "decoder.version":
+            continue
+        if "qkv_proj" in name:
+            for x, piece in zip("kvq", t.chunk(3)):
+                state["model." + name.replace("qkv_proj", f"{x}_proj")] = piece
+        else:
+            state["model." + name.replace("decoder.layer_norm", "decoder.final_layer_norm")] = t
+    state["lm_head.weight"] = model.state_dict()["decoder.embed_tokens.weight"]
+    hf.load_state_dict(state, strict=True)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = init_random(OPTModel(get_preset("tiny")), seed=7).eval()
+    return model, hf_twin(model)
+
+
+def test_logits_match_hf_transformers(pair):
+    model, hf = pair
+    tokens = torch.tensor([[2, 133, 812, 4, 50118, 1000, 7], [2, 9, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        ours = model(tokens)[..., :DICT_SIZE]
+        theirs = hf(tokens).logits[..., :DICT_SIZE]
+    assert ours.shape == (2, 7, DICT_SIZE)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+
+
+def test_greedy_continuation_matches_hf_generate(pair):
+    model, hf = pair
+    prompt = torch.tensor([[2, 133, 812, 16, 10]])
+    with torch.no_grad():
+        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
+                             pad_token_id=1)[0, prompt.shape[1]:].tolist()
+        cache = KVCache(model.cfg, 1, 64)
+        slots = torch.tensor([0])
+        logits = model(prompt, start=torch.tensor([0]), cache=cache, slots=slots)
+        ours, pos = [], prompt.shape[1]
+        for _ in range(12):
+            nxt = logits[0, -1].argmax()
+            ours.append(int(nxt))
+            logits = model(nxt.view(1, 1), start=torch.tensor([pos]), cache=cache, slots=slots)
+            pos += 1
+    assert ours == theirs
+
+
+def test_cached_ragged_batch_equals_separate_forwards(pair):
+    model, _ = pair
+    a = torch.tensor([2, 5, 6, 7, 8, 9])
+    b = torch.tensor([2, 40, 41])
+    with torch.no_grad():
+        full_a, full_b = model(a[None])[0], model(b[None])[0]
+        cache = KVCache(model.cfg, 4, 16)
+        # Prefill both prompts in one right-padded batch, in cache slots 3 and 1.
+        batch = torch.stack([a[:4], torch.cat([b, torch.tensor([1])])])
+        slots, start = torch.tensor([3, 1]), torch.tensor([0, 0])
+        out = model(batch, start=start, cache=cache, slots=slots)
+        torch.testing.assert_close(out[0, :4, :DICT_SIZE], full_a[:4, :DICT_SIZE], atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[1, :3, :DICT_SIZE], full_b[:, :DICT_SIZE], atol=1e-5, rtol=0)
+        # Next step: a continues with two tokens, b decodes one (padding overwritten later).
+        step = torch.tensor([[a[4], a[5]], [7, 1]])
+        out = model(step, start=torch.tensor([4, 3]), cache=cache, slots=slots)
+        torch.testing.assert_close(out[0, :, :DICT_SIZE], full_a[4:, :DICT_SIZE], atol=1e-5, rtol=0)
+        ref_b = model(torch.cat([b, torch.tensor([7])])[None])[0, -1, :DICT_SIZE]
+        torch.testing.assert_close(out[1, 0, :DICT_SIZE], ref_b, atol=1e-5, rtol=0)
+
+
+def test_padding_symbols_are_never_produced(pair):
+    model, _ = pair
+    with torch.no_grad():
+        logits = model(torch.tensor([[2, 3, 4]]))
+    assert torch.isneginf(logits[..., DICT_SIZE:]).all()
+    assert int(logits[0, -1].argmax()) < DICT_SIZE
+
+
+def test_runs_in_bfloat16_on_cpu():
+    model = init_random(OPTModel(get_preset("tiny")), seed=1).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        out = model(torch.tensor([[2, 100, 200]]))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out[..., :DICT_SIZE]).all()
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_param_count_equals_built_model(name):
+    cfg = PRESETS[name]
+    with torch.device("meta"):
+        model = OPTModel(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.param_count()
+    assert set(model.state_dict()) == set(cfg.param_shapes())
+
+
+def test_invalid_degree_message_lists_valid_values():
+    with pytest.raises(ValueError) as e:
+        get_preset("bb3-30b").check_mp(16)
+    assert "bb3-30b has 56 heads" in str(e.value)
+    assert "valid --mp values are 1, 2, 4, 8" in str(e.value)
