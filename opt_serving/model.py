@@ -119,6 +119,7 @@ class Decoder(nn.Module):
 class OPTModel(nn.Module):
     """``logits = model(tokens, start=..., cache=..., slots=...)``: (B, T) ids -> (B, T, V)."""
 
+
     def __init__(self, cfg: OPTConfig):
         super().__init__()
         self.cfg = cfg
@@ -136,7 +137,10 @@ class OPTModel(nn.Module):
         return dec.comm.all_reduce(x.masked_fill(outside[..., None], 0.0))
 
     def forward(self, tokens: torch.Tensor, *, start: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, slots: torch.Tensor | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T); start (B,) tokens already cached per row; slots (B,) cache rows;
+        select (B, K) time indices whose logits are wanted (default: all T)."""
         b, t = tokens.shape
         dev = tokens.device
         if start is None:
@@ -163,6 +167,8 @@ class OPTModel(nn.Module):
         x = x + dec.embed_positions(pos)
         for i, layer in enumerate(dec.layers):
             x = layer(x, i, mask, cache, slots, qpos)
+        if select is not None:  # project only the positions we sample from: (B, K, D)
+            x = x.gather(1, select[:, :, None].expand(-1, -1, x.shape[-1]))
         x = dec.layer_norm(x)
         # Tied output head: (B, T, D) @ (V_local, D).T, gathered so every rank sees all of V.
         logits = dec.comm.all_gather_last(F.linear(x, dec.embed_tokens.weight))
