@@ -1,0 +1,245 @@
+"""Choosing the next token: pure functions of a (B, V) logits tensor, with per-row options.
+
+Every request in a shared batch keeps its own temperature, top-p, factual-nucleus state,
+penalties, min_tokens and RNG (metaseq applied one request's options to the whole batch).
+The order follows metaseq's generator: temperature, then penalties, then blocking EOS and stop
+tokens before min_tokens; the reported log-probs are the log-softmax of those processed logits
+(before nucleus truncation), which is also what best_of ranks on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from opt_serving.config import DICT_SIZE, EOS_ID
+
+# Factual nucleus restarts its decay at the start of a sentence: after ".", "?" and "!".
+SENTENCE_END_IDS = frozenset({4, 116, 328})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding options (the contract's defaults)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # <= 0 = greedy (ParlAI sends -1)
+    top_k: int = 0  # 0 = off
+    lambda_decay: float = -1.0  # <= 0 = factual nucleus off
+    omega_bound: float = 0.3
+    alpha_presence: float = 0.0
+    alpha_frequency: float = 0.0
+    alpha_presence_src: float = 0.0
+    alpha_frequency_src: float = 0.0
+    alpha_src_penalty_end_idx: int = -1  # < 0 = the whole prompt
+    min_tokens: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p <= 0
+
+    def seeded(self) -> "SamplingParams":
+        """With a concrete seed, drawn once on rank 0 so every rank samples the same."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
+
+
+@dataclass(frozen=True)
+class RowParams:
+    """The SamplingParams of B rows as (B,) tensors."""
+
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    top_k: torch.Tensor  # long
+    lambda_decay: torch.Tensor
+    omega_bound: torch.Tensor
+    alpha_presence: torch.Tensor
+    alpha_frequency: torch.Tensor
+    alpha_presence_src: torch.Tensor
+    alpha_frequency_src: torch.Tensor
+    min_tokens: torch.Tensor  # long
+    greedy: torch.Tensor  # bool
+
+    @classmethod
+    def stack(cls, params: Sequence[SamplingParams], device=None) -> "RowParams":
+        def col(name, dtype=torch.float32):
+            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
+        return cls(
+            temperature=col("temperature"), top_p=col("top_p"),
+            top_k=col("top_k", torch.long), lambda_decay=col("lambda_decay"),
+            omega_bound=col("omega_bound"), alpha_presence=col("alpha_presence"),
+            alpha_frequency=col("alpha_frequency"), alpha_presence_src=col("alpha_presence_src"),
+            alpha_frequency_src=col("alpha_frequency_src"),
+            min_tokens=col("min_tokens", torch.long), greedy=col("greedy", torch.bool))
+
+
+def make_generator(seed: int, index: int = 0) -> torch.Generator:
+    """The CPU RNG of copy ``index`` of a request (best_of copies, several prompts). Mixed
+    through a hash so request seed s copy 1 and seed s+1 copy 0 are unrelated streams."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def draw_uniforms(generators: Sequence[torch.Generator], greedy: Sequence[bool],
+                  device=None) -> torch.Tensor:
+    """One U[0, 1) per sampling row from its own generator, so a row's draws do not depend on
+    which other requests share the batch; greedy rows draw nothing.  # (B,)"""
+    u = [0.0 if g else torch.rand((), generator=gen).item()
+         for gen, g in zip(generators, greedy)]
+    return torch.tensor(u, dtype=torch.float64, device=device)
+
+
+def token_counts(rows: Sequence[Sequence[int]], vocab_size: int, device=None) -> torch.Tensor:
+    """How often each id occurs in each row.  # (B, V) float32"""
+    counts = torch.zeros(len(rows), vocab_size, dtype=torch.float32, device=device)
+    row_idx = [r for r, ids in enumerate(rows) for _ in ids]
+    if row_idx:
+        col_idx = [t for ids in rows for t in ids]
+        counts.index_put_((torch.tensor(row_idx, device=device),
+                           torch.tensor(col_idx, device=device)),
+                          torch.ones(len(col_idx), device=device), accumulate=True)
+    return counts
+
+
+def source_tokens(prompt: Sequence[int], end_idx: int, dropped: int = 0) -> Sequence[int]:
+    """The prompt tokens the ``_src`` penalties count. ``prompt`` is what the model sees
+    (without the leading </s>); ``end_idx`` counts in the prompt as sent, of which ``dropped``
+    tokens were cut from the left."""
+    if end_idx < 0:
+        return prompt
+    return prompt[:max(0, end_idx - dropped)]
+
+
+def sentence_steps(generated: Sequence[int]) -> int:
+    """Tokens generated since the last sentence end (the t - 1 of factual nucleus)."""
+    for back, token in enumerate(reversed(generated)):
+        if token in SENTENCE_END_IDS:
+            return back
+    return len(generated)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Rows with temperature 0 are greedy and keep their logits.  # (B, V)"""
+    t = torch.where(temperature > 0, temperature, torch.ones_like(temperature))
+    return logits / t[:, None]
+
+
+def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.Tensor,
+                    frequency: torch.Tensor) -> torch.Tensor:
+    """logit[j] -= count_j * frequency + (count_j > 0) * presence, per row.  # (B, V)"""
+    return logits - counts * frequency[:, None] - (counts > 0) * presence[:, None]
+
+
+def block_tokens(logits: torch.Tensor, rows: torch.Tensor,
+                 ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """-inf at ``ids[b]`` for the rows b where ``rows[b]`` is true.  # (B, V)"""
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    for b, (on, row_ids) in enumerate(zip(rows.tolist(), ids)):
+        if on and row_ids:
+            mask[b, list(row_ids)] = True
+    return logits.masked_fill(mask, float("-inf"))
+
+
+def process_logits(logits: torch.Tensor, rp: RowParams, *,
+                   generated_counts: torch.Tensor | None, source_counts: torch.Tensor | None,
+                   n_generated: torch.Tensor, stop_ids: Sequence[Sequence[int]],
+                   eos_id: int = EOS_ID, dict_size: int = DICT_SIZE) -> torch.Tensor:
+    """The distribution tokens are drawn from (and log-probs reported on).  # (B, V) float32
+
+    Counts are ``token_counts`` (B, V), None when no row has that penalty.
+    ``stop_ids[b]``: single-token stop sequences of row b, blocked with EOS while
+    ``n_generated < min_tokens``.
+    """
+    x = apply_temperature(logits.float(), rp.temperature)  # a new tensor: safe to edit
+    # Dictionary padding (50265..50271) decodes to "": never produce it (metaseq #12).
+    x[:, dict_size:] = float("-inf")
+    if generated_counts is not None:
+        x = apply_penalties(x, generated_counts, rp.alpha_presence, rp.alpha_frequency)
+    if source_counts is not None:
+        x = apply_penalties(x, source_counts, rp.alpha_presence_src, rp.alpha_frequency_src)
+    early = n_generated < rp.min_tokens
+    return block_tokens(x, early, [(eos_id, *ids) for ids in stop_ids])
+
+
+def nucleus_top_p(rp: RowParams, steps: torch.Tensor) -> torch.Tensor:
+    """Per-row top-p of this step: p0 * lambda^(t-1), floored at omega, when factual nucleus
+    is on (lambda > 0); ``steps`` = t - 1 (``sentence_steps``).  # (B,)"""
+    decayed = rp.top_p * rp.lambda_decay.clamp(min=1e-9) ** steps.to(rp.top_p.dtype)
+    decayed = torch.maximum(decayed, rp.omega_bound)
+    return torch.where(rp.lambda_decay > 0, decayed, rp.top_p)
+
+
+def sample(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+           greedy: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Next token per row: argmax for greedy rows, else inverse-CDF sampling of the nucleus
+    (the smallest top set whose mass reaches top_p, at most top_k tokens) with the row's own
+    uniform draw.  # (B,) long"""
+    best = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return best
+    probs = torch.softmax(logits.float(), dim=-1)
+    sprobs, sidx = probs.sort(dim=-1, descending=True)  # (B, V)
+    before = sprobs.cumsum(dim=-1) - sprobs  # mass of the strictly more likely tokens
+    keep = before < top_p[:, None]
+    rank = torch.arange(sprobs.shape[-1], device=logits.device)
+    keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
+    keep[:, 0] = True
+    cdf = (sprobs * keep).double().cumsum(dim=-1)  # (B, V), flat past the nucleus
+    target = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]
+    choice = torch.searchsorted(cdf, target, right=True)[:, 0]
+    # Rounding can put target on the last step of the cdf: stay inside the nucleus.
+    choice = torch.minimum(choice, keep.sum(dim=-1) - 1)
+    drawn = sidx.gather(1, choice[:, None])[:, 0]
+    return torch.where(greedy, best, drawn)
+
+
+def next_tokens(logits: torch.Tensor, rp: RowParams, *, generated: Sequence[Sequence[int]],
+                sources: Sequence[Sequence[int]], stop_ids: Sequence[Sequence[int]],
+                generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step for B rows: (tokens (B,), log-probs (B, V) of the processed
+    distribution). ``generated[b]``: row b's tokens so far; ``sources[b]``: its
+    ``source_tokens``."""
+    device, vocab = logits.device, logits.shape[-1]
+    # Counting is (B, V) work per step: skip it when no row is penalised.
+    penalised = bool((rp.alpha_presence != 0).any() or (rp.alpha_frequency != 0).any())
+    src_penalised = bool((rp.alpha_presence_src != 0).any()
+                         or (rp.alpha_frequency_src != 0).any())
+    processed = process_logits(
+        logits, rp,
+        generated_counts=token_counts(generated, vocab, device) if penalised else None,
+        source_counts=token_counts(sources, vocab, device) if src_penalised else None,
+        n_generated=torch.tensor([len(g) for g in generated], device=device),
+        stop_ids=stop_ids)
+    steps = torch.tensor([sentence_steps(g) for g in generated], device=device)
+    uniforms = draw_uniforms(generators, rp.greedy.tolist(), device)
+    tokens = sample(processed, nucleus_top_p(rp, steps), rp.top_k, rp.greedy, uniforms)
+    return tokens, log_probs(processed)
+
+
+def log_probs(logits: torch.Tensor) -> torch.Tensor:
+    """# (..., V) float32"""
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def gather_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """logprobs[..., ids]: e.g. echo's teacher-forced scores with
+    ``gather_logprobs(log_probs(logits[:, :-1]), tokens[:, 1:])``.  # (...)"""
+    return logprobs.gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (log-prob, id) per position, best first.  # (..., k) each"""
+    return tuple(logprobs.topk(k, dim=-1))
+
+
+def pick_best(total_logprobs: Sequence[float], n: int) -> list[int]:
+    """Indices of the n best of best_of samples by total log-prob, best first (ties keep
+    order)."""
+    return sorted(range(len(total_logprobs)), key=lambda i: -total_logprobs[i])[:n]

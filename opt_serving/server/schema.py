@@ -1,0 +1,380 @@
+"""The completions wire format: a request parsed once into a typed, validated object, and the
+response bodies (metaseq's shape, OpenAI's shape, server-sent-event chunks, errors).
+
+Handlers never read raw dict keys. Every bad input raises RequestError, which the HTTP layer
+turns into a 400 with the contract's JSON error shape naming the field (metaseq answered 500).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence, Union
+
+from constants import DEFAULTS, ServiceConstants
+from opt_serving.config import DICT_SIZE
+from opt_serving.sampling import SamplingParams
+from opt_serving.tokenizer import char_offsets
+
+Prompt = Union[str, tuple[int, ...]]  # text, or token ids
+SSE_DONE = b"data: [DONE]\n\n"
+
+# OpenAI fields we accept but cannot honour: refused rather than silently ignored.
+UNSUPPORTED = ("suffix", "logit_bias")
+KNOWN = frozenset({
+    "prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "n", "best_of",
+    "logprobs", "echo", "stop", "seed", "lambda_decay", "omega_bound", "alpha_presence",
+    "alpha_frequency", "alpha_presence_src", "alpha_frequency_src", "alpha_src_penalty_end_idx",
+    "presence_penalty", "frequency_penalty", "stream", "model", "user", *UNSUPPORTED})
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class RequestError(ValueError):
+    """A bad request: HTTP 400 with ``body()``."""
+
+    status = 400
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message, self.param, self.code = message, param, code
+
+    def body(self) -> dict:
+        return error_body(self.message, param=self.param, code=self.code)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A validated request. Sequences: each prompt times ``best_of``; copy i of prompt p
+    samples with ``make_generator(seed, p * best_of + i)`` once rank 0 has ``seeded()`` it."""
+
+    prompts: tuple[Prompt, ...]
+    max_tokens: int
+    n: int
+    best_of: int
+    logprobs: int | None  # None: absent (OpenAI then answers "logprobs": null)
+    echo: bool
+    stop: tuple[str, ...]
+    stream: bool
+    sampling: SamplingParams
+    model: str | None = None
+    user: str | None = None
+    ignored: tuple[str, ...] = ()  # unknown fields, for the log
+
+    @property
+    def top_k_logprobs(self) -> int:
+        return self.logprobs or 0
+
+
+# -- field readers ---------------------------------------------------------------------------
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(obj: Mapping, name: str, default: int | None, lo: int | None = None,
+         hi: int | None = None) -> int | None:
+    v = obj.get(name)
+    if v is None:
+        return default
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise RequestError(f"{name} must be an integer, got {json.dumps(v)}", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise RequestError(f"{name} must be {bounds}, got {v}", name)
+    return v
+
+
+def _float(obj: Mapping, name: str, default: float, lo: float | None = None,
+           hi: float | None = None) -> float:
+    v = obj.get(name)
+    if v is None:
+        return default
+    if not _is_number(v) or not math.isfinite(v):
+        raise RequestError(f"{name} must be a finite number, got {json.dumps(v)}", name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
+                  else f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise RequestError(f"{name} must be {bounds}, got {v}", name)
+    return float(v)
+
+
+def _bool(obj: Mapping, name: str) -> bool:
+    v = obj.get(name)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RequestError(f"{name} must be true or false, got {json.dumps(v)}", name)
+    return v
+
+
+def _str(obj: Mapping, name: str) -> str | None:
+    v = obj.get(name)
+    if v is not None and not isinstance(v, str):
+        raise RequestError(f"{name} must be a string, got {json.dumps(v)}", name)
+    return v
+
+
+def _ids(v: list, where: str) -> tuple[int, ...]:
+    for i, t in enumerate(v):
+        if not isinstance(t, int) or isinstance(t, bool):
+            raise RequestError(f"{where}[{i}] must be a token id (an integer), got "
+                               f"{json.dumps(t)}", "prompt")
+        if not 0 <= t < DICT_SIZE:
+            raise RequestError(f"{where}[{i}] = {t} is not in the dictionary "
+                               f"(0..{DICT_SIZE - 1})", "prompt")
+    return tuple(v)
+
+
+def _prompts(obj: Mapping) -> tuple[Prompt, ...]:
+    """str, list[str], list[int] or list[list[int]]; nothing empty."""
+    v = obj.get("prompt")
+    if v is None:
+        raise RequestError("prompt is required", "prompt")
+    if isinstance(v, str):
+        v = [v]
+    elif not isinstance(v, list) or not v:
+        raise RequestError("prompt must be a non-empty string, a list of strings, a list of "
+                           "token ids or a list of lists of token ids", "prompt")
+    elif all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        v = [v]
+    prompts: list[Prompt] = []
+    for i, p in enumerate(v):
+        where = f"prompt[{i}]" if len(v) > 1 else "prompt"
+        if isinstance(p, str):
+            prompts.append(p)
+        elif isinstance(p, list):
+            prompts.append(_ids(p, where))
+        else:
+            raise RequestError(f"{where} must be a string or a list of token ids, got "
+                               f"{json.dumps(p)[:80]}", "prompt")
+        if not prompts[-1]:
+            raise RequestError(f"{where} is empty", "prompt")
+    if len({type(p) for p in prompts}) > 1:
+        raise RequestError("prompt mixes strings and token ids", "prompt")
+    return tuple(prompts)
+
+
+def _stop(obj: Mapping, limits: ServiceConstants) -> tuple[str, ...]:
+    v = obj.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError("stop must be a non-empty string or a list of non-empty strings",
+                           "stop")
+    if len(stops) > limits.max_stop_sequences:
+        raise RequestError(f"stop has {len(stops)} sequences; at most "
+                           f"{limits.max_stop_sequences} are allowed", "stop")
+    return tuple(stops)
+
+
+def _penalty(obj: Mapping, ours: str, openai: str) -> float:
+    """metaseq's alpha_* or OpenAI's *_penalty: the same formula under two names."""
+    if obj.get(ours) is not None and obj.get(openai) is not None and obj[ours] != obj[openai]:
+        raise RequestError(f"{ours} and {openai} are the same setting; give one", openai)
+    name = ours if obj.get(ours) is not None else openai
+    return _float(obj, name, 0.0)
+
+
+# -- parsing -----------------------------------------------------------------------------------
+
+def parse_request(obj: Any, limits: ServiceConstants = DEFAULTS) -> CompletionRequest:
+    if not isinstance(obj, dict):
+        raise RequestError("the request body must be a JSON object")
+    for name in UNSUPPORTED:
+        if obj.get(name):
+            raise RequestError(f"{name} is not supported by this server", name)
+    prompts = _prompts(obj)
+    max_tokens = _int(obj, "max_tokens", limits.default_max_tokens, 0, limits.max_seq_len - 2)
+    n = _int(obj, "n", 1, 1, limits.max_beam)
+    best_of = _int(obj, "best_of", n, 1, limits.max_beam)
+    if best_of < n:
+        raise RequestError(f"best_of ({best_of}) must be at least n ({n})", "best_of")
+    if len(prompts) * best_of > limits.max_sequences:
+        raise RequestError(f"{len(prompts)} prompts x best_of {best_of} is more than "
+                           f"{limits.max_sequences} sequences", "prompt")
+    stream = _bool(obj, "stream")
+    if stream and best_of > n:
+        raise RequestError("best_of > n cannot be streamed: the best are known at the end",
+                           "best_of")
+    sampling = SamplingParams(
+        temperature=_float(obj, "temperature", 1.0, lo=0.0),
+        top_p=_float(obj, "top_p", 1.0, hi=1.0),
+        top_k=max(0, _int(obj, "top_k", 0, lo=-1)),
+        lambda_decay=_float(obj, "lambda_decay", -1.0, hi=1.0),
+        omega_bound=_float(obj, "omega_bound", 0.3, 0.0, 1.0),
+        alpha_presence=_penalty(obj, "alpha_presence", "presence_penalty"),
+        alpha_frequency=_penalty(obj, "alpha_frequency", "frequency_penalty"),
+        alpha_presence_src=_float(obj, "alpha_presence_src", 0.0),
+        alpha_frequency_src=_float(obj, "alpha_frequency_src", 0.0),
+        alpha_src_penalty_end_idx=_int(obj, "alpha_src_penalty_end_idx", -1),
+        # ParlAI may ask min_tokens 1 with max_tokens 0 (scoring): max_tokens wins.
+        min_tokens=min(_int(obj, "min_tokens", 0, 0), max_tokens),
+        seed=_int(obj, "seed", None))
+    return CompletionRequest(
+        prompts=prompts, max_tokens=max_tokens, n=n, best_of=best_of,
+        logprobs=_int(obj, "logprobs", None, 0, limits.max_logprobs),
+        echo=_bool(obj, "echo"), stop=_stop(obj, limits), stream=stream, sampling=sampling,
+        model=_str(obj, "model"), user=_str(obj, "user"),
+        ignored=tuple(sorted(k for k in obj if k not in KNOWN)))
+
+
+def _no_constant(name: str):
+    raise RequestError(f"the request body is not valid JSON: {name} is not a number")
+
+
+def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> CompletionRequest:
+    """From the raw HTTP body: size, UTF-8 and JSON are checked here too."""
+    if len(raw) > limits.max_body_bytes:
+        raise RequestError(f"the request body is {len(raw)} bytes; the limit is "
+                           f"{limits.max_body_bytes}", code="body_too_large")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RequestError(f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body is nested too deeply") from None
+    return parse_request(obj, limits)
+
+
+# -- responses ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChoiceResult:
+    """One returned completion, already decoded. With echo, tokens start with the leading
+    "</s>" (a zero-width marker at offset 0, logprob None) and text starts with the prompt."""
+
+    text: str
+    tokens: tuple[str, ...]
+    token_logprobs: tuple[float | None, ...]
+    text_offset: tuple[int, ...]
+    top_logprobs: tuple[dict[str, float] | None, ...] | None  # None when logprobs is 0
+    finish_reason: str  # "stop" or "length"
+    prompt_index: int
+    prompt_tokens: int
+    completion_tokens: int
+    truncated_prompt_tokens: int = 0  # dropped from the left to fit max_tokens
+
+
+TopK = Sequence[tuple[int, float]]  # (id, log-prob) pairs, best first
+
+
+def _top_json(tok, pairs: TopK) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for token_id, lp in pairs:
+        out.setdefault(tok.decode_token(token_id), lp)  # two ids may decode alike: keep best
+    return out
+
+
+def build_choice(tok, *, prompt: Sequence[int], generated: Sequence[int], echo: bool,
+                 prompt_logprobs: Sequence[float], generated_logprobs: Sequence[float],
+                 prompt_top: Sequence[TopK] | None, generated_top: Sequence[TopK] | None,
+                 finish_reason: str, prompt_index: int, truncated: int = 0,
+                 text_bytes: int | None = None) -> ChoiceResult:
+    """A choice from ids. ``tok``: the Tokenizer. ``prompt``: the model input, leading </s>
+    first; ``prompt_logprobs`` / ``prompt_top``: teacher-forced, one per ``prompt[1:]`` (read
+    only with echo). ``generated``: the tokens to return (``StopStatus.keep_tokens``) and
+    ``text_bytes`` the bytes of their text to keep (``keep_bytes``; a stop sequence may begin
+    inside the last token). Tops are None when logprobs is 0."""
+    shown = [*prompt[1:], *generated] if echo else list(generated)
+    pieces = [tok.token_bytes(i) for i in shown]
+    echoed = b"".join(pieces[:len(shown) - len(generated)])
+    completion = b"".join(pieces[len(shown) - len(generated):])[:text_bytes]
+    tokens = tuple(tok.decode_token(i) for i in shown)
+    logprobs = tuple(generated_logprobs)
+    offsets = tuple(char_offsets(pieces))
+    tops = None if generated_top is None else tuple(_top_json(tok, t) for t in generated_top)
+    if echo:
+        # metaseq's leading </s>: a zero-width marker whose log-prob is null (metaseq #87).
+        tokens, offsets = ("</s>", *tokens), (0, *offsets)
+        logprobs = (None, *prompt_logprobs, *logprobs)
+        if tops is not None:
+            tops = (None, *(_top_json(tok, t) for t in prompt_top), *tops)
+    return ChoiceResult(
+        text=(echoed + completion).decode("utf-8", errors="replace"), tokens=tokens,
+        token_logprobs=logprobs, text_offset=offsets, top_logprobs=tops,
+        finish_reason=finish_reason, prompt_index=prompt_index, prompt_tokens=len(prompt) - 1,
+        completion_tokens=len(generated), truncated_prompt_tokens=truncated)
+
+
+def new_request_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def logprobs_json(c: ChoiceResult) -> dict:
+    return {"tokens": list(c.tokens), "token_logprobs": list(c.token_logprobs),
+            "text_offset": list(c.text_offset),
+            "top_logprobs": None if c.top_logprobs is None else list(c.top_logprobs)}
+
+
+def _choice_json(c: ChoiceResult, index: int, with_logprobs: bool) -> dict:
+    out = {"text": c.text, "index": index,
+           "logprobs": logprobs_json(c) if with_logprobs else None,
+           "finish_reason": c.finish_reason}
+    if c.truncated_prompt_tokens:
+        out["truncated_prompt_tokens"] = c.truncated_prompt_tokens
+    return out
+
+
+def _envelope(request_id: str | None, model: str, created: int | None) -> dict:
+    return {"id": request_id or new_request_id(), "object": "text_completion",
+            "created": int(time.time()) if created is None else created, "model": model}
+
+
+def metaseq_response(choices: Sequence[ChoiceResult], *, model: str,
+                     request_id: str | None = None, created: int | None = None) -> dict:
+    """metaseq's shape: every choice carries logprobs (ParlAI reads token_logprobs), plus
+    finish_reason on the choice (metaseq #643)."""
+    return {**_envelope(request_id, model, created),
+            "choices": [_choice_json(c, i, True) for i, c in enumerate(choices)]}
+
+
+def usage_json(choices: Sequence[ChoiceResult]) -> dict:
+    """Each prompt counted once, however many choices it has."""
+    prompt = sum({c.prompt_index: c.prompt_tokens for c in choices}.values())
+    completion = sum(c.completion_tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def without_marker(c: ChoiceResult) -> ChoiceResult:
+    """An echo choice without metaseq's leading "</s>": OpenAI echoes only the prompt, and its
+    client types every token log-prob as a number."""
+    top = None if c.top_logprobs is None else c.top_logprobs[1:]
+    return dataclasses.replace(c, tokens=c.tokens[1:], token_logprobs=c.token_logprobs[1:],
+                               text_offset=c.text_offset[1:], top_logprobs=top)
+
+
+def openai_response(choices: Sequence[ChoiceResult], *, request: CompletionRequest, model: str,
+                    request_id: str | None = None, created: int | None = None) -> dict:
+    """OpenAI's shape: logprobs only when asked for, a usage block, no "</s>" marker."""
+    with_logprobs = request.logprobs is not None
+    shown = [without_marker(c) for c in choices] if request.echo else choices
+    return {**_envelope(request_id, model, created),
+            "choices": [_choice_json(c, i, with_logprobs) for i, c in enumerate(shown)],
+            "usage": usage_json(choices)}
+
+
+def sse(obj: dict) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def stream_chunk(*, request_id: str, model: str, created: int, index: int, text: str,
+                 finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
+    """One server-sent event of a streamed completion; the stream ends with SSE_DONE."""
+    choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+    return sse({**_envelope(request_id, model, created), "choices": [choice]})
