@@ -1,0 +1,121 @@
+"""The safety layer: the word-list matcher, the classifier, the modes, and safe_interactive's
+handling of an unsafe user message (the bot never sees it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from agents.safety import (UNSAFE_INPUT_MESSAGE, UNSAFE_REPLY_MESSAGE, SafetyChecker,
+                           word_variants)
+
+ROOT = Path(__file__).resolve().parents[1]
+BENIGN = ["Hi! I just adopted a puppy.", "Who won the 2022 World Cup?",
+          "Argentina won the 2022 World Cup.", "I love butter on toast.", "That was fatal.",
+          "I am a potter.", "Scunthorpe is a town in England.", "I went to class today.",
+          "What is your favorite hobby?", "I work as a therapist."]
+
+
+@pytest.fixture(scope="module")
+def everything():
+    return SafetyChecker("all")
+
+
+def test_parlais_messages():
+    assert UNSAFE_INPUT_MESSAGE == "[ Sorry, could not process that message. Please try again. ]"
+    assert UNSAFE_REPLY_MESSAGE == ("[ Unsafe model reply detected. Clearing agent history. "
+                                    "Please try again. ]")
+
+
+def test_string_matcher_catches_words_variants_and_leetspeak():
+    matcher = SafetyChecker("string_matcher")
+    for text in ["you are shit", "you assholes", "f*ck off", "sh1t happens",
+                 "stop fucking around", "what a bitch"]:
+        verdict = matcher.check(text)
+        assert not verdict.safe and verdict.reasons[0].startswith("string_matcher"), text
+    for text in BENIGN:
+        assert matcher.is_safe(text), text
+
+
+def test_variants_follow_english_spelling():
+    variants = word_variants(["asshole", "fat", "kill"])
+    assert {"assholes", "killers", "killing", "unkill"} <= variants
+    assert "fates" not in variants and "fatal" not in variants and "fatter" not in variants
+
+
+def test_classifier_catches_insults_the_word_list_misses():
+    classifier = SafetyChecker("classifier")
+    verdict = classifier.check("you are an idiot and everybody hates you")
+    assert not verdict.safe and verdict.reasons[0].startswith("classifier: p=")
+    assert SafetyChecker("string_matcher").is_safe("you are an idiot and everybody hates you")
+    for text in BENIGN:
+        assert classifier.is_safe(text), text
+
+
+def test_modes(everything):
+    assert not everything.is_safe("go fuck yourself")
+    assert len(everything.check("you stupid fucking idiot").reasons) == 2
+    assert SafetyChecker("none").is_safe("go fuck yourself")
+    with pytest.raises(ValueError, match="all, string_matcher, classifier, none"):
+        SafetyChecker("strict")
+
+
+class CountingServer:
+    """A real HTTP server that counts requests and answers each with a 503."""
+
+    def __init__(self):
+        self.bodies: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                outer.bodies.append(json.loads(body))
+                self.send_response(503)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(b'{"error": {"message": "not now"}}')
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_unsafe_message_never_reaches_the_model(tmp_path):
+    server = CountingServer()
+    script = tmp_path / "chat.txt"
+    script.write_text("you are a fucking idiot\nyou are an idiot and everybody hates you\n"
+                      "Hello, how are you?\n")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "agents.cli", "--script", str(script), "--opt-server",
+             server.url, "--memory-db", str(tmp_path / "m.sqlite"), "--log",
+             str(tmp_path / "log.jsonl"), "--metaseq-max-retry-api", "0"],
+            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+            text=True, timeout=60)
+    finally:
+        server.close()
+    lines = result.stdout.splitlines()
+    # Both unsafe messages (one per checker) are refused with ParlAI's message...
+    assert lines[:4] == ["Enter Your Message: you are a fucking idiot", UNSAFE_INPUT_MESSAGE,
+                         "Enter Your Message: you are an idiot and everybody hates you",
+                         UNSAFE_INPUT_MESSAGE]
+    # ...and only the safe one reached the server.
+    prompts = {body["prompt"] for body in server.bodies}
+    assert prompts and all("Hello, how are you?" in p for p in prompts)
+    assert not any("idiot" in p for p in prompts)
+    assert result.returncode == 1 and "HTTP 503: not now" in result.stderr
