@@ -51,6 +51,7 @@ class AgentConfig:
     max_memories: int = MAX_OFFERED_MEMORIES
     safety: str = "all"
     classifier_threshold: float = DEFAULT_CLASSIFIER_THRESHOLD
+    reply_classifier_threshold: float | None = None  # None: classifier_threshold
     wipe_memory_on_unsafe: bool = False  # ParlAI's reset wipes memory; here only if asked
     tokenizer_dir: str | None = None  # folder with gpt2-vocab.json and gpt2-merges.txt
     api_key: str | None = None  # None: the user name, as ParlAI sends
@@ -140,9 +141,11 @@ class Agent:
                                   RetryPolicy(timeout_s=config.search_timeout_s, max_retries=1))
         self.search = search
         self.memory = memory or MemoryStore(config.memory_db or default_memory_db(), config.user)
-        self.safety = safety or SafetyChecker(config.safety, config.classifier_threshold)
+        self.safety = safety or SafetyChecker(config.safety, config.classifier_threshold,
+                                              config.reply_classifier_threshold)
         self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir)
-        self.budget = P.Budget(self.tokenizer.count, config.max_prompt_len)
+        self.budget = P.Budget(self.tokenizer.count, config.max_prompt_len,
+                               self.tokenizer.floor)
         self.memory.seed(config.persona, person=2)
         self.memory.seed(config.user_facts, person=1)
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bb3")
@@ -292,7 +295,7 @@ class Agent:
             "response", P.response_prompt(history, knowledge, self.budget))
         if not response.output:
             raise AgentError(f"no reply: {response.error or 'the model returned an empty line'}")
-        verdict = self.safety.check(response.output)
+        verdict = self.safety.check(response.output, reply=True)
         if not verdict.safe:
             return self._unsafe_reply(calls, verdict.reasons, start)
         calls["mgm_self"] = self._call(
@@ -312,7 +315,7 @@ class Agent:
         orm = self._call("orm", P.opening_prompt(partner, self.budget))
         if not orm.output:
             raise AgentError(f"no opening: {orm.error or 'the model returned an empty line'}")
-        verdict = self.safety.check(orm.output)
+        verdict = self.safety.check(orm.output, reply=True)
         if not verdict.safe:
             return self._unsafe_reply({"orm": orm}, verdict.reasons, start)
         self._history = (P.bot_line(orm.output),)

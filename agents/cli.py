@@ -104,7 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     flag("--safety", choices=SAFETY_MODES, default="all",
          help="check user messages and bot replies with a word list, a classifier, both, or "
               "nothing")
-    flag("--classifier-threshold", type=float, default=DEFAULT_CLASSIFIER_THRESHOLD)
+    flag("--classifier-threshold", type=float, default=DEFAULT_CLASSIFIER_THRESHOLD,
+         metavar="P", help="offensive-language probability from which a message is unsafe")
+    flag("--reply-classifier-threshold", type=float, default=None, metavar="P",
+         help="the same for the bot's replies (default: --classifier-threshold); lower is "
+              "stricter about what the bot may say")
     flag("--wipe-memory-on-unsafe", action="store_true",
          help="on an unsafe reply also forget the long-term memory (ParlAI's behaviour)")
     group = p.add_argument_group("session")
@@ -131,6 +135,7 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
         max_prompt_len=args.max_prompt_len, memory_db=args.memory_db, user=args.user,
         persona=tuple(args.persona), user_facts=tuple(args.user_fact), safety=args.safety,
         classifier_threshold=args.classifier_threshold,
+        reply_classifier_threshold=args.reply_classifier_threshold,
         wipe_memory_on_unsafe=args.wipe_memory_on_unsafe, tokenizer_dir=args.tokenizer_dir,
         api_key=args.api_key)
 

@@ -96,6 +96,9 @@ class Budget:
 
     count_tokens: TokenCounter
     max_prompt_len: int | None = None
+    # For token positions the server acts on: a count never above the server's own (None:
+    # count_tokens is the server's BPE, exact).
+    count_floor: TokenCounter | None = None
 
     def limit(self, module: str) -> int:
         limit = TOKEN_LIMIT[module]
@@ -207,7 +210,11 @@ def response_prompt(history: Sequence[str], knowledge: dict[str, str | None],
                     budget: Budget) -> Prompt:
     _, history, after = _fit(SRM, budget, (), history, knowledge_lines(knowledge))
     text = _render(SRM, (), history, after)
-    end_idx = budget.count_tokens("\n".join(history)) if after else -1
+    # The server counts the index in the prompt's BPE tokens without the leading </s>
+    # (opt_serving.sampling.source_tokens): the history's tokens are exactly the first ones,
+    # since BPE never merges across the "\n" that follows them.
+    count = budget.count_floor or budget.count_tokens
+    end_idx = count("\n".join(history)) if after else -1
     return Prompt(SRM, text, end_idx)
 
 

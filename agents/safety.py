@@ -108,18 +108,26 @@ class Verdict:
 
 
 class SafetyChecker:
-    """Checks one message at a time with the parts that `mode` selects."""
+    """Checks one message at a time with the parts that `mode` selects.
+
+    The bot's replies may be held to a stricter classifier threshold than the user's messages
+    (`reply_threshold`; None: the same one): a deployment can refuse borderline output from
+    the bot without refusing its users' blunt messages.
+    """
 
     def __init__(self, mode: str = "all",
-                 classifier_threshold: float = DEFAULT_CLASSIFIER_THRESHOLD):
+                 classifier_threshold: float = DEFAULT_CLASSIFIER_THRESHOLD,
+                 reply_threshold: float | None = None):
         if mode not in SAFETY_MODES:
             raise ValueError(f"--safety must be one of {', '.join(SAFETY_MODES)}, not {mode!r}")
         self.mode = mode
         self._matcher = StringMatcher() if mode in ("all", "string_matcher") else None
         self._classifier = (OffensiveClassifier(classifier_threshold)
                             if mode in ("all", "classifier") else None)
+        self.reply_threshold = classifier_threshold if reply_threshold is None else reply_threshold
 
-    def check(self, text: str) -> Verdict:
+    def check(self, text: str, *, reply: bool = False) -> Verdict:
+        """`reply`: the text is the bot's, judged with the reply threshold."""
         reasons = []
         if self._matcher is not None:
             word = self._matcher.match(text)
@@ -127,7 +135,7 @@ class SafetyChecker:
                 reasons.append(f"string_matcher: {word}")
         if self._classifier is not None:
             p = self._classifier.probability(text)
-            if p >= self._classifier.threshold:
+            if p >= (self.reply_threshold if reply else self._classifier.threshold):
                 reasons.append(f"classifier: p={p:.3f}")
         return Verdict(safe=not reasons, reasons=tuple(reasons))
 

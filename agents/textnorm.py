@@ -2,17 +2,18 @@
 
 ParlAI compares memories by their normalised token sets (lowercase, no punctuation, no filler
 words, stemmed) and picks the memories offered to the memory-knowledge module by TF-IDF. Both
-live here as pure functions so that they are testable without a store or a model. The stemmer
-is Porter's 1980 algorithm, written out because no stemmer ships with the project's
-dependencies.
+live here as pure functions so that they are testable without a store or a model. Stemming is
+Porter's algorithm from `snowballstemmer`; TF-IDF is scikit-learn's `TfidfVectorizer`.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import re
-from collections import Counter
+import threading
 from collections.abc import Sequence
+
+import snowballstemmer
 
 # The usual English stop-word list (NLTK's, apostrophes removed) minus the negations: "I do not
 # like dogs" must not be taken for a duplicate of "I like dogs".
@@ -45,125 +46,36 @@ def token_set(text: str) -> frozenset[str]:
     return frozenset(content_stems(text))
 
 
-# ---------------------------------------------------------------------------------------------
-# Porter stemmer (M. F. Porter, "An algorithm for suffix stripping", 1980).
+# A snowball stemmer keeps its word in instance state: one per thread.
+_local = threading.local()
 
 
-def _consonant(w: str, i: int) -> bool:
-    c = w[i]
-    if c in "aeiou":
-        return False
-    if c == "y":
-        return i == 0 or not _consonant(w, i - 1)
-    return True
-
-
-def _measure(stem: str) -> int:
-    """m in [C](VC){m}[V]: the number of vowel-consonant runs."""
-    pattern = "".join("c" if _consonant(stem, i) else "v" for i in range(len(stem)))
-    collapsed = re.sub(r"(.)\1+", r"\1", pattern)
-    return collapsed.count("vc")
-
-
-def _has_vowel(stem: str) -> bool:
-    return any(not _consonant(stem, i) for i in range(len(stem)))
-
-
-def _double_consonant(w: str) -> bool:
-    return len(w) >= 2 and w[-1] == w[-2] and _consonant(w, len(w) - 1)
-
-
-def _cvc(w: str) -> bool:
-    return (len(w) >= 3 and _consonant(w, len(w) - 3) and not _consonant(w, len(w) - 2)
-            and _consonant(w, len(w) - 1) and w[-1] not in "wxy")
-
-
-_STEP2 = (("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"),
-          ("izer", "ize"), ("abli", "able"), ("alli", "al"), ("entli", "ent"), ("eli", "e"),
-          ("ousli", "ous"), ("ization", "ize"), ("ation", "ate"), ("ator", "ate"),
-          ("alism", "al"), ("iveness", "ive"), ("fulness", "ful"), ("ousness", "ous"),
-          ("aliti", "al"), ("iviti", "ive"), ("biliti", "ble"))
-_STEP3 = (("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"),
-          ("ful", ""), ("ness", ""))
-_STEP4 = ("al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion",
-          "ou", "ism", "ate", "iti", "ous", "ive", "ize")
-
-
-def _replace_longest(w: str, rules: Sequence[tuple[str, str]], min_measure: int) -> str:
-    # Porter applies only the longest matching suffix of a step, and only if its condition holds.
-    for suffix, repl in sorted(rules, key=lambda r: -len(r[0])):
-        if w.endswith(suffix):
-            stem = w[: -len(suffix)]
-            return stem + repl if _measure(stem) > min_measure else w
-    return w
-
-
+@functools.lru_cache(maxsize=16384)
 def porter_stem(word: str) -> str:
-    w = word.lower()
-    if len(w) <= 2:
-        return w
-    # Step 1a: plurals.
-    if w.endswith("sses") or w.endswith("ies"):
-        w = w[:-2]
-    elif w.endswith("s") and not w.endswith("ss"):
-        w = w[:-1]
-    # Step 1b: -eed, -ed, -ing.
-    if w.endswith("eed"):
-        if _measure(w[:-3]) > 0:
-            w = w[:-1]
-    else:
-        for suffix in ("ed", "ing"):
-            if w.endswith(suffix) and _has_vowel(w[: -len(suffix)]):
-                w = w[: -len(suffix)]
-                if w.endswith(("at", "bl", "iz")):
-                    w += "e"
-                elif _double_consonant(w) and w[-1] not in "lsz":
-                    w = w[:-1]
-                elif _measure(w) == 1 and _cvc(w):
-                    w += "e"
-                break
-    # Step 1c: y -> i after a vowel-containing stem.
-    if w.endswith("y") and _has_vowel(w[:-1]):
-        w = w[:-1] + "i"
-    w = _replace_longest(w, _STEP2, 0)
-    w = _replace_longest(w, _STEP3, 0)
-    # Step 4: strip a suffix when m > 1 (-ion only after s or t).
-    for suffix in sorted(_STEP4, key=len, reverse=True):
-        if w.endswith(suffix):
-            stem = w[: -len(suffix)]
-            if _measure(stem) > 1 and (suffix != "ion" or stem.endswith(("s", "t"))):
-                w = stem
-            break
-    # Step 5: final -e and -ll.
-    if w.endswith("e"):
-        stem = w[:-1]
-        m = _measure(stem)
-        if m > 1 or (m == 1 and not _cvc(stem)):
-            w = stem
-    if w.endswith("ll") and _measure(w) > 1:
-        w = w[:-1]
-    return w
-
-
-# ---------------------------------------------------------------------------------------------
-# TF-IDF (scikit-learn's smooth idf and L2-normalised rows, written out: ~10 lines do not
-# justify importing scikit-learn in the agent's start-up path).
+    """Porter's stem of one lowercase word. Words of one or two letters stay as they are, as in
+    Porter's reference implementation (snowball's port would turn "us" into "u")."""
+    word = word.lower()
+    if len(word) <= 2:
+        return word
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        stemmer = _local.stemmer = snowballstemmer.stemmer("porter")
+    return stemmer.stemWord(word)
 
 
 def tfidf_scores(query: str, documents: Sequence[str]) -> list[float]:
-    """Cosine similarity between `query` and each document, IDF taken over the documents."""
-    docs = [Counter(content_stems(d)) for d in documents]
-    n = len(docs)
-    df = Counter(term for d in docs for term in d)
-    idf = {t: math.log((1 + n) / (1 + c)) + 1.0 for t, c in df.items()}
+    """Cosine similarity between `query` and each document, IDF taken over the documents
+    (scikit-learn's smooth IDF and L2-normalised rows, over `content_stems`)."""
+    # scikit-learn costs a second to import: only a partner with more than 32 memories pays it.
+    from sklearn.feature_extraction.text import TfidfVectorizer
 
-    def vector(counts: Counter) -> dict[str, float]:
-        vec = {t: c * idf[t] for t, c in counts.items() if t in idf}
-        norm = math.sqrt(sum(v * v for v in vec.values()))
-        return {t: v / norm for t, v in vec.items()} if norm else {}
-
-    q = vector(Counter(content_stems(query)))
-    return [sum(w * q.get(t, 0.0) for t, w in vector(d).items()) for d in docs]
+    vectorizer = TfidfVectorizer(analyzer=content_stems)
+    try:
+        docs = vectorizer.fit_transform(documents)
+    except ValueError:  # no document has a content word: nothing to match
+        return [0.0] * len(documents)
+    # Rows are unit vectors, so the dot product is the cosine.  # (D, V) @ (V, 1) -> (D, 1)
+    return [float(s) for s in (docs @ vectorizer.transform([query]).T).toarray()[:, 0]]
 
 
 def top_k_by_tfidf(query: str, documents: Sequence[str], k: int) -> list[int]:

@@ -29,6 +29,12 @@ _CACHE = 16384  # every module of every turn measures the same history lines aga
 _PRETOKEN = re.compile(r"""'s|'t|'re|'ve|'m|'ll|'d| ?[^\W\d_]+| ?\d+| ?[^\s\w]+|\s+(?!\S)|\s+""")
 
 
+def count_pretokens(text: str) -> int:
+    """A floor under the BPE count: GPT-2's BPE never merges across pre-tokens, and every
+    pre-token is at least one token."""
+    return len(_PRETOKEN.findall(text))
+
+
 def estimate_tokens(text: str) -> int:
     """An upper-leaning estimate: one token per pre-token, plus one per 6 extra bytes."""
     total = 0
@@ -44,11 +50,16 @@ class Tokenizer:
 
     count: TokenCounter
     source: str
+    # A count that is never above the server's (None: `count` is exact). Token positions sent
+    # to the server (alpha_src_penalty_end_idx) are measured with it, so that an estimate
+    # never reaches past the point it marks.
+    floor: TokenCounter | None = None
 
 
 def estimate_tokenizer() -> Tokenizer:
     return Tokenizer(functools.lru_cache(maxsize=_CACHE)(estimate_tokens),
-                     "estimate (no tokenizer files found; see `opt-assets fetch`)")
+                     "estimate (no tokenizer files found; see `opt-assets fetch`)",
+                     functools.lru_cache(maxsize=_CACHE)(count_pretokens))
 
 
 def bpe_tokenizer(directory: str | os.PathLike) -> Tokenizer:
