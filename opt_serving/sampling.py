@@ -185,19 +185,42 @@ def sample(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
     if bool(greedy.all()):
         return best
     probs = torch.softmax(logits.float(), dim=-1)
-    sprobs, sidx = probs.sort(dim=-1, descending=True)  # (B, V)
+    drawn = best.clone()
+    u = uniforms.to(logits.device)
+    # A row that keeps the whole distribution needs no sort (a sort of 50k ids costs ~9 ms a
+    # row on a CPU): inverse-CDF in id order. The choice depends only on the row's own
+    # options, so a row samples the same alone or in any batch.
+    whole = ~greedy & (top_p >= 1) & (top_k <= 0)
+    if bool(whole.any()):
+        rows = whole.nonzero()[:, 0]
+        cdf = probs[rows].double().cumsum(dim=-1)  # (b, V)
+        pick = torch.searchsorted(cdf, u[rows, None] * cdf[:, -1:], right=True)[:, 0]
+        # Rounding can put the target past the last step: stay on the last possible id (never
+        # on a zero-probability padding symbol).
+        last = probs.shape[-1] - 1 - (probs[rows].flip(-1) > 0).int().argmax(dim=-1)
+        drawn[rows] = torch.minimum(pick, last)
+    nucleus = ~greedy & ~whole
+    if bool(nucleus.any()):
+        rows = nucleus.nonzero()[:, 0]
+        drawn[rows] = _sample_nucleus(probs[rows], top_p[rows], top_k[rows], u[rows])
+    return torch.where(greedy, best, drawn)
+
+
+def _sample_nucleus(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+                    uniforms: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF sampling of the smallest top set reaching top_p (at most top_k).  # (b,)"""
+    sprobs, sidx = probs.sort(dim=-1, descending=True)  # (b, V)
     before = sprobs.cumsum(dim=-1) - sprobs  # mass of the strictly more likely tokens
     keep = before < top_p[:, None]
-    rank = torch.arange(sprobs.shape[-1], device=logits.device)
+    rank = torch.arange(sprobs.shape[-1], device=probs.device)
     keep &= (top_k[:, None] <= 0) | (rank < top_k[:, None])
     keep[:, 0] = True
-    cdf = (sprobs * keep).double().cumsum(dim=-1)  # (B, V), flat past the nucleus
-    target = uniforms.to(cdf.device)[:, None] * cdf[:, -1:]
+    cdf = (sprobs * keep).double().cumsum(dim=-1)  # (b, V), flat past the nucleus
+    target = uniforms[:, None] * cdf[:, -1:]
     choice = torch.searchsorted(cdf, target, right=True)[:, 0]
     # Rounding can put target on the last step of the cdf: stay inside the nucleus.
     choice = torch.minimum(choice, keep.sum(dim=-1) - 1)
-    drawn = sidx.gather(1, choice[:, None])[:, 0]
-    return torch.where(greedy, best, drawn)
+    return sidx.gather(1, choice[:, None])[:, 0]
 
 
 def next_tokens(logits: torch.Tensor, rp: RowParams, *, generated: Sequence[Sequence[int]],

@@ -1,22 +1,16 @@
 """The completions client and the agent when the server is down, slow, or answers badly.
 
-Real sockets on 127.0.0.1: a port nobody listens on, and small HTTP servers started here that
-are slow, answer HTML, or answer with error statuses. The success path against a real model
-server belongs to the end-to-end tests with opt-serve.
+Real sockets on 127.0.0.1: a port nobody listens on, and small HTTP servers (`scripted`, from
+conftest) that are slow, answer HTML, or answer with error statuses. The success path against a
+real model server is in test_agent_e2e.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -25,70 +19,7 @@ from agents.bb3 import Agent, AgentConfig, AgentError
 from agents.client import (CompletionsClient, CompletionsError, RetryPolicy, completions_url,
                            normalise_url, parse_completion)
 from agents.memory import MemoryStore
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ScriptedServer:
-    """A real HTTP server whose answer to the k-th request (from 1) is `answer(k)`:
-    (status, content_type, body[, delay_s, headers])."""
-
-    def __init__(self, answer):
-        self.requests: list[tuple[str, dict, bytes]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.requests.append((self.path, dict(self.headers), body))
-                status, ctype, payload, *rest = answer(len(outer.requests))
-                if rest and rest[0]:
-                    time.sleep(rest[0])
-                data = payload.encode() if isinstance(payload, str) else payload
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", ctype)
-                    self.send_header("Content-Length", str(len(data)))
-                    for k, v in (rest[1] if len(rest) > 1 else {}).items():
-                        self.send_header(k, v)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except OSError:
-                    pass  # the client gave up waiting
-
-            do_GET = do_POST
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def scripted():
-    servers = []
-
-    def start(answer):
-        servers.append(ScriptedServer(answer))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
-
+from loopback import free_port, safe_interactive
 
 FAST = RetryPolicy(timeout_s=2.0, max_retries=2, backoff_s=0.05)
 SDM = P.Prompt("sdm", "Person 1: Hi!\nSearch Decision:")
@@ -102,7 +33,7 @@ def test_urls_follow_parlais_spelling():
 
 
 def test_refused_connection_fails_within_seconds_naming_the_url():
-    port = closed_port()
+    port = free_port()
     client = CompletionsClient(f"127.0.0.1:{port}")  # default retries and backoff
     start = time.monotonic()
     with pytest.raises(CompletionsError) as info:
@@ -114,7 +45,7 @@ def test_refused_connection_fails_within_seconds_naming_the_url():
 
 
 def test_slow_server_times_out_and_stops(scripted):
-    server = scripted(lambda k: (200, "application/json", "{}", 3.0))
+    server = scripted(lambda r: (200, "application/json", "{}", 3.0))
     client = CompletionsClient(server.url, RetryPolicy(timeout_s=0.3, max_retries=1,
                                                        backoff_s=0.05))
     start = time.monotonic()
@@ -125,7 +56,7 @@ def test_slow_server_times_out_and_stops(scripted):
 
 
 def test_non_json_answers_are_retried_then_reported(scripted):
-    server = scripted(lambda k: (200, "text/html", "<html>Bad Gateway</html>"))
+    server = scripted(lambda r: (200, "text/html", "<html>Bad Gateway</html>"))
     client = CompletionsClient(server.url, FAST)
     with pytest.raises(CompletionsError, match=r"non-JSON \(text/html\)") as info:
         client.complete_payload(SDM.payload())
@@ -134,7 +65,7 @@ def test_non_json_answers_are_retried_then_reported(scripted):
 
 def test_busy_server_is_retried_with_its_retry_after(scripted):
     error = json.dumps({"error": {"message": "queue full", "type": "server_error"}})
-    server = scripted(lambda k: (503, "application/json", error, 0, {"Retry-After": "0.2"}))
+    server = scripted(lambda r: (503, "application/json", error, 0, {"Retry-After": "0.2"}))
     client = CompletionsClient(server.url, FAST)
     start = time.monotonic()
     with pytest.raises(CompletionsError, match="HTTP 503: queue full") as info:
@@ -146,27 +77,27 @@ def test_busy_server_is_retried_with_its_retry_after(scripted):
 def test_bad_request_is_not_retried(scripted):
     error = json.dumps({"error": {"message": "prompt is empty", "param": "prompt",
                                   "type": "invalid_request_error"}})
-    server = scripted(lambda k: (400, "application/json", error))
+    server = scripted(lambda r: (400, "application/json", error))
     with pytest.raises(CompletionsError, match="HTTP 400: prompt is empty") as info:
         CompletionsClient(server.url, FAST).complete_payload(SDM.payload())
     assert len(server.requests) == 1 and info.value.status == 400
 
 
 def test_the_wire_request_is_parlais(scripted):
-    server = scripted(lambda k: (401, "application/json", '{"error": {"message": "no"}}'))
+    server = scripted(lambda r: (401, "application/json", '{"error": {"message": "no"}}'))
     client = CompletionsClient(server.url.removeprefix("http://"), FAST, api_key="alice")
     with pytest.raises(CompletionsError):
         client.complete_payload(SDM.payload())
-    path, headers, body = server.requests[0]
-    assert path == "/completions"
-    assert headers["Authorization"] == "Bearer alice"
-    assert headers["Content-Type"] == "application/json"
-    assert json.loads(body) == SDM.payload()
+    sent = server.requests[0]
+    assert (sent.method, sent.path) == ("POST", "/completions")
+    assert sent.headers["Authorization"] == "Bearer alice"
+    assert sent.headers["Content-Type"] == "application/json"
+    assert sent.json() == SDM.payload()
 
 
 def test_a_backing_off_call_does_not_hold_up_another(scripted):
-    busy = scripted(lambda k: (503, "application/json", "{}"))
-    refusing = scripted(lambda k: (400, "application/json", "{}"))
+    busy = scripted(lambda r: (503, "application/json", "{}"))
+    refusing = scripted(lambda r: (400, "application/json", "{}"))
     slow_client = CompletionsClient(busy.url, RetryPolicy(max_retries=2, backoff_s=0.5))
     finished = {}
 
@@ -207,7 +138,7 @@ def _agent(tmp_path, server: str, **overrides) -> Agent:
 
 
 def test_agent_with_server_down_fails_fast_and_changes_nothing(tmp_path):
-    port = closed_port()
+    port = free_port()
     with _agent(tmp_path, f"127.0.0.1:{port}") as agent:
         start = time.monotonic()
         with pytest.raises(AgentError, match=f"127.0.0.1:{port}/completions.*refused"):
@@ -220,12 +151,12 @@ def test_agent_with_server_down_fails_fast_and_changes_nothing(tmp_path):
 
 
 def test_agent_with_failing_server_keeps_history_and_memory(scripted, tmp_path):
-    server = scripted(lambda k: (500, "application/json", '{"error": {"message": "oom"}}'))
+    server = scripted(lambda r: (500, "application/json", '{"error": {"message": "oom"}}'))
     with _agent(tmp_path, server.url, search_decision="never") as agent:
         with pytest.raises(AgentError, match="HTTP 500: oom"):
             agent.respond("Hi!")
         assert agent.history == () and len(agent.memory.all()) == 1
-    prompts = [json.loads(body)["prompt"] for _, _, body in server.requests]
+    prompts = [r.json()["prompt"] for r in server.requests]
     # Chit-chat with a memory: mdm and mgm first, then ckm, then the response: 2 tries each.
     assert sorted(set(prompts), key=prompts.index)[-2:] == [
         "Person 1: Hi!\nPrevious Topic:", "Person 1: Hi!\nPerson 2:"]
@@ -234,14 +165,12 @@ def test_agent_with_failing_server_keeps_history_and_memory(scripted, tmp_path):
     assert "Person 1: Hi!\nMemory:" in prompts and len(prompts) == 8
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "XDG_DATA_HOME": str(cwd / "xdg")}
-    return subprocess.run([sys.executable, "-m", "agents.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=60)
+def _cli(*args: str, cwd):
+    return safe_interactive(*args, cwd=cwd, timeout=60, XDG_DATA_HOME=str(cwd / "xdg"))
 
 
 def test_safe_interactive_script_reports_a_dead_server(tmp_path):
-    port = closed_port()
+    port = free_port()
     script = tmp_path / "conversation.txt"
     script.write_text("Hello there\n[EXIT]\nnever read\n")
     result = _cli("--init-opt", "gen/opt_bb3", "--opt-server", f"localhost:{port}",

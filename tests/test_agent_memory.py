@@ -50,22 +50,21 @@ def test_porter_stemmer_matches_porters_examples():
              "filing": "file", "happy": "happi", "relational": "relat", "rational": "ration",
              "generalizations": "gener", "oscillators": "oscil", "adjustable": "adjust",
              "electricity": "electr", "hopefulness": "hope", "replacement": "replac",
-             "adoption": "adopt", "controll": "control", "roll": "roll"}
+             "adoption": "adopt", "controll": "control", "roll": "roll",
+             "us": "us", "go": "go"}  # two letters: left alone, as in Porter's own code
     assert {w: porter_stem(w) for w in pairs} == pairs
 
 
-def test_tfidf_matches_scikit_learn():
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.metrics.pairwise import cosine_similarity
-
-    from agents.textnorm import content_stems
-
+def test_tfidf_scores_follow_shared_rare_words():
     docs = ["I have a corgi named Max.", "I work as a nurse at night.",
-            "My corgi likes long walks.", "I am learning to play the piano.", "I like pizza."]
-    query = "How is your corgi doing on walks?"
-    vec = TfidfVectorizer(analyzer=content_stems).fit(docs)
-    expected = cosine_similarity(vec.transform([query]), vec.transform(docs))[0]
-    assert tfidf_scores(query, docs) == pytest.approx(list(expected), abs=1e-9)
+            "My corgi likes long walks.", "I am learning to play the piano.", "I like pizza.",
+            "It is what it is."]
+    scores = tfidf_scores("How is your corgi doing on walks?", docs)
+    # Two shared stems (corgi, walk) beat one; no shared content word scores 0; a document of
+    # filler words only has no vector at all.
+    assert scores[2] > scores[0] > 0
+    assert scores[1] == scores[3] == scores[4] == scores[5] == 0
+    assert tfidf_scores("corgi", ["the", "it is"]) == [0.0, 0.0]  # no vocabulary at all
 
 
 def test_at_most_32_memories_are_offered_by_tfidf():

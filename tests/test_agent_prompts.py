@@ -151,6 +151,16 @@ def test_src_penalty_ends_just_before_the_knowledge_line(bpe, budget):
     assert P.response_prompt(HISTORY, {}, budget).src_penalty_end_idx == -1
 
 
+def test_src_penalty_end_never_overshoots_without_the_bpe_files(bpe):
+    # Without the BPE files the agent estimates; the index the server acts on must not come out
+    # high, or the _src penalties would reach into the knowledge lines.
+    estimate = estimate_tokenizer()
+    history = (*HISTORY, "Person 2: ¿Qué tal? It's 10:30 — naïve café-goers' résumés…")
+    budget = P.Budget(estimate.count, count_floor=estimate.floor)
+    idx = P.response_prompt(history, {"previous_topic": "puppies"}, budget).src_penalty_end_idx
+    assert 0 < idx <= bpe.count("\n".join(history))
+
+
 def test_long_history_is_cut_from_the_oldest_line(budget):
     history = tuple(f"Person {1 + i % 2}: line {i} " + "word " * 30 for i in range(200))
     history += ("Person 1: the last thing I said",)

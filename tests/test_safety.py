@@ -3,20 +3,11 @@ handling of an unsafe user message (the bot never sees it)."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-
 import pytest
 
 from agents.safety import (UNSAFE_INPUT_MESSAGE, UNSAFE_REPLY_MESSAGE, SafetyChecker,
                            word_variants)
-
-ROOT = Path(__file__).resolve().parents[1]
+from loopback import json_answer, safe_interactive
 BENIGN = ["Hi! I just adopted a puppy.", "Who won the 2022 World Cup?",
           "Argentina won the 2022 World Cup.", "I love butter on toast.", "That was fatal.",
           "I am a potter.", "Scunthorpe is a town in England.", "I went to class today.",
@@ -67,55 +58,31 @@ def test_modes(everything):
         SafetyChecker("strict")
 
 
-class CountingServer:
-    """A real HTTP server that counts requests and answers each with a 503."""
-
-    def __init__(self):
-        self.bodies: list[dict] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.bodies.append(json.loads(body))
-                self.send_response(503)
-                self.send_header("Content-Type", "application/json")
-                self.end_headers()
-                self.wfile.write(b'{"error": {"message": "not now"}}')
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
+def test_replies_can_be_held_to_a_stricter_threshold():
+    checker = SafetyChecker("classifier", reply_threshold=0.5)
+    # "I hate mondays" scores about 0.9: a blunt user message, but not what the bot should say.
+    assert checker.is_safe("I hate mondays")
+    verdict = checker.check("I hate mondays", reply=True)
+    assert not verdict.safe and verdict.reasons[0].startswith("classifier: p=0.9")
+    assert SafetyChecker("classifier").check("I hate mondays", reply=True).safe
 
 
-def test_unsafe_message_never_reaches_the_model(tmp_path):
-    server = CountingServer()
+def test_unsafe_message_never_reaches_the_model(tmp_path, scripted):
+    server = scripted(lambda r: json_answer({"error": {"message": "not now"}}, 503))
     script = tmp_path / "chat.txt"
     script.write_text("you are a fucking idiot\nyou are an idiot and everybody hates you\n"
                       "Hello, how are you?\n")
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "agents.cli", "--script", str(script), "--opt-server",
-             server.url, "--memory-db", str(tmp_path / "m.sqlite"), "--log",
-             str(tmp_path / "log.jsonl"), "--metaseq-max-retry-api", "0"],
-            cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-            text=True, timeout=60)
-    finally:
-        server.close()
+    result = safe_interactive("--script", str(script), "--opt-server", server.address,
+                              "--memory-db", str(tmp_path / "m.sqlite"), "--log",
+                              str(tmp_path / "log.jsonl"), "--metaseq-max-retry-api", "0",
+                              cwd=tmp_path, timeout=60)
     lines = result.stdout.splitlines()
     # Both unsafe messages (one per checker) are refused with ParlAI's message...
     assert lines[:4] == ["Enter Your Message: you are a fucking idiot", UNSAFE_INPUT_MESSAGE,
                          "Enter Your Message: you are an idiot and everybody hates you",
                          UNSAFE_INPUT_MESSAGE]
     # ...and only the safe one reached the server.
-    prompts = {body["prompt"] for body in server.bodies}
+    prompts = {r.json()["prompt"] for r in server.requests}
     assert prompts and all("Hello, how are you?" in p for p in prompts)
     assert not any("idiot" in p for p in prompts)
     assert result.returncode == 1 and "HTTP 503: not now" in result.stderr

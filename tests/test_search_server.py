@@ -4,14 +4,8 @@ and the agent's search client, against real server processes on 127.0.0.1."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import sqlite3
-import subprocess
-import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -23,9 +17,9 @@ from agents.client import RetryPolicy
 from agents.search import index as fts
 from agents.search.client import SearchClient, SearchError
 from agents.search.protocol import BadRequest, Limits, parse_search_request
+from loopback import SearchServerProcess, free_port, json_answer
+from loopback import search_cli as cli
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT)}
 KEYS = ["url", "title", "content"]
 
 CORPUS = {
@@ -47,84 +41,6 @@ CORPUS = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "agents.search.cli", *args], cwd=cwd, env=ENV,
-                          capture_output=True, text=True, timeout=60)
-
-
-class ServerProcess:
-    def __init__(self, *args: str, cwd: Path):
-        port = free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = open(cwd / f"server-{port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agents.search.cli", *args,
-                                      "--port", str(port)], cwd=cwd, env=ENV,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.output()
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise AssertionError(f"server did not start: {self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
-        self.log.close()
-
-
-class Upstream:
-    """A real HTTP server standing in for a web-search service; `behaviour` is switchable."""
-
-    def __init__(self):
-        self.behaviour = ("ok", {"response": []})
-        self.paths: list[str] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def answer(self):
-                self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                outer.paths.append(self.path)
-                kind, payload = outer.behaviour
-                if kind == "slow":
-                    time.sleep(payload)
-                    payload = {"response": []}
-                body = json.dumps(payload).encode() if kind != "html" else b"<html>oops</html>"
-                try:
-                    self.send_response(500 if kind == "error" else 200)
-                    self.end_headers()
-                    self.wfile.write(body)
-                except OSError:
-                    pass
-
-            do_GET = do_POST = answer
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
-
-    def close(self):
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("search")
@@ -142,7 +58,7 @@ def corpus(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(corpus):
-    proc = ServerProcess("--index", "kb.sqlite", "--max-results", "3",
+    proc = SearchServerProcess("--index", "kb.sqlite", "--max-results", "3",
                          "--max-query-chars", "200", cwd=corpus)
     yield proc
     proc.stop()
@@ -236,7 +152,7 @@ def test_unknown_routes_answer_json(server):
 
 
 def test_forwarding_to_another_parlai_server(server, corpus):
-    forward = ServerProcess("--upstream", server.url.removeprefix("http://"), cwd=corpus)
+    forward = SearchServerProcess("--upstream", server.address, cwd=corpus)
     try:
         direct = ask(server.url, q="moon landing", n=2).json()
         assert ask(forward.url, q="moon landing", n=2).json() == direct
@@ -246,19 +162,21 @@ def test_forwarding_to_another_parlai_server(server, corpus):
         forward.stop()
 
 
-def test_upstream_failures_answer_502(corpus):
-    upstream = Upstream()
-    forward = ServerProcess("--upstream", upstream.url, "--upstream-timeout", "0.5", cwd=corpus)
+def test_upstream_failures_answer_502(corpus, scripted):
+    upstream = scripted(None)
+    forward = SearchServerProcess("--upstream", upstream.url, "--upstream-timeout", "0.5",
+                                  cwd=corpus)
     try:
-        for behaviour, words in [(("slow", 3.0), "no answer within 0.5s"),
-                                 (("ok", {"results": []}), "unexpected shape"),
-                                 (("ok", {"response": [{"title": "no content"}]}), "content"),
-                                 (("html", None), "non-JSON"),
-                                 (("error", {"error": "boom"}), "HTTP 500")]:
-            upstream.behaviour = behaviour
+        for answer, words in [(json_answer({"response": []}, delay_s=3.0),
+                               "no answer within 0.5s"),
+                              (json_answer({"results": []}), "unexpected shape"),
+                              (json_answer({"response": [{"title": "no content"}]}), "content"),
+                              ((200, "text/html", "<html>oops</html>"), "non-JSON"),
+                              (json_answer({"error": "boom"}, 500), "HTTP 500")]:
+            upstream.answer = lambda r, answer=answer: answer
             start = time.monotonic()
             answer = ask(forward.url, q="corgi", n=2)
-            assert answer.status_code == 502, behaviour
+            assert answer.status_code == 502, words
             error = answer.json()["error"]
             assert error["type"] == "upstream_error" and words in error["message"], error
             assert time.monotonic() - start < 2.5
@@ -269,26 +187,24 @@ def test_upstream_failures_answer_502(corpus):
         forward.stop()
 
 
-def test_searxng_upstream(corpus):
-    upstream = Upstream()
-    upstream.behaviour = ("ok", {"query": "corgi", "results": [
+def test_searxng_upstream(corpus, scripted):
+    upstream = scripted(lambda r: json_answer({"query": "corgi", "results": [
         {"url": "https://a.example/corgi", "title": "Corgi", "content": "A dog.",
          "engine": "x"},
         {"url": "https://b.example/empty", "title": "Empty", "content": ""},
         {"url": "https://c.example/wales", "title": "Wales", "content": "A country."},
-        {"url": "https://d.example/more", "title": "More", "content": "More text."}]})
-    forward = ServerProcess("--upstream", upstream.url, "--upstream-kind", "searxng",
-                            cwd=corpus)
+        {"url": "https://d.example/more", "title": "More", "content": "More text."}]}))
+    forward = SearchServerProcess("--upstream", upstream.url, "--upstream-kind", "searxng",
+                                  cwd=corpus)
     try:
         results = ask(forward.url, q="corgi dogs", n=2).json()["response"]
         assert results == [{"url": "https://a.example/corgi", "title": "Corgi",
                             "content": "A dog."},
                            {"url": "https://c.example/wales", "title": "Wales",
                             "content": "A country."}]
-        assert upstream.paths[-1] == "/search?q=corgi+dogs&format=json"
+        assert upstream.requests[-1].path == "/search?q=corgi+dogs&format=json"
     finally:
         forward.stop()
-        upstream.close()
 
 
 def test_reindexing_a_changed_file_replaces_its_rows(tmp_path):
@@ -348,13 +264,13 @@ def test_request_parsing_rules():
 
 
 def test_search_client_against_the_server(server):
-    client = SearchClient(server.url.removeprefix("http://"))
+    client = SearchClient(server.address)
     docs = client.search("Argentina world cup", n=2)
     assert docs[0].title == "2022 FIFA World Cup" and len(docs) <= 2
     assert client.search("zzqqxx") == []
 
 
-def test_search_client_failures_are_quick_and_named():
+def test_search_client_failures_are_quick_and_named(scripted):
     port = free_port()
     client = SearchClient(f"127.0.0.1:{port}", RetryPolicy(timeout_s=1.0, max_retries=1,
                                                           backoff_s=0.05))
@@ -362,13 +278,9 @@ def test_search_client_failures_are_quick_and_named():
     with pytest.raises(SearchError, match=f"http://127.0.0.1:{port}.*refused"):
         client.search("corgi")
     assert time.monotonic() - start < 2
-    upstream = Upstream()
-    try:
-        upstream.behaviour = ("ok", {"results": [{"content": "x"}]})
-        with pytest.raises(SearchError, match="malformed"):
-            SearchClient(upstream.url).search("corgi")
-        upstream.behaviour = ("slow", 2.0)
-        with pytest.raises(SearchError, match="no answer within 0.3s"):
-            SearchClient(upstream.url, RetryPolicy(timeout_s=0.3, max_retries=0)).search("x")
-    finally:
-        upstream.close()
+    upstream = scripted(lambda r: json_answer({"results": [{"content": "x"}]}))
+    with pytest.raises(SearchError, match="malformed"):
+        SearchClient(upstream.url).search("corgi")
+    upstream.answer = lambda r: json_answer({"response": []}, delay_s=2.0)
+    with pytest.raises(SearchError, match="no answer within 0.3s"):
+        SearchClient(upstream.url, RetryPolicy(timeout_s=0.3, max_retries=0)).search("x")

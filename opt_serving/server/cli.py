@@ -1,0 +1,140 @@
+"""``opt-serve``: parse arguments, build ``ServeOptions`` and call ``serve.serve``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import textwrap
+
+from constants import DEFAULTS, from_module
+
+EXIT_BAD_INPUT = 2
+
+DESCRIPTION = """\
+Serve an OPT / BlenderBot-3 checkpoint over HTTP with metaseq's completions API (and OpenAI's).
+
+Finds the model-parallel parts in --checkpoint-folder (reshard-model_part-*.pt; metaseq's
+virtual <folder>/reshard.pt path works too), starts one worker per part on this machine (one
+GPU each when CUDA is there, CPU otherwise), loads each rank's part only, and serves HTTP from
+rank 0. Under torchrun or srun (e.g. BB3-175B at MP16 on 2 nodes x 8 GPUs) run the same command
+on every process: ranks come from the environment.
+
+Routes: POST /completions (and /v1/engines/<e>/completions, /v2/engines/<e>/completions,
+/engines/<e>/completions), POST /v1/completions (OpenAI, stream: true as server-sent events),
+GET /v1/models, /healthz, /readyz (503 unless every rank is alive), /metrics (Prometheus).
+
+Tokenizer files (gpt2-vocab.json, gpt2-merges.txt) are taken from the checkpoint folder, else
+--assets DIR, else the toolkit's assets folder (`opt-assets fetch`). Continuous batching: the KV
+cache holds --kv-tokens positions per rank (on a GPU: sized from free memory, as
+`opt-capacity` computes it; on CPU: MAX_BATCH_TOKENS), cut into rows of --max-seq-len; a
+request waits for room, and beyond --max-queued-requests waiting requests the answer is 429."""
+
+EPILOG = """\
+examples:
+  opt-serve --checkpoint-folder /data/bb3_30b/mp8
+  opt-serve --checkpoint-folder /data/bb3_30b/mp8/reshard.pt --host 0.0.0.0 --api-key "$KEY"
+  torchrun --nnodes 2 --nproc-per-node 8 ... -m opt_serving.server.cli --checkpoint-folder DIR
+  opt-serve --checkpoint-folder demo/ --device cpu --kv-tokens 8192 --max-seq-len 512
+
+exit status: 0 after SIGINT / SIGTERM, 2 for bad input at start, 3 when a rank dies or the
+engine fails while serving (the server answers 503 and exits instead of hanging)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opt-serve", description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint-folder", metavar="DIR",
+                   help="folder (or <folder>/reshard.pt, or one file) of the checkpoint; "
+                   "default: CHECKPOINT_FOLDER of --constants")
+    p.add_argument("--host", help=f"address to bind (default {DEFAULTS.default_host}; "
+                   "0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULTS.default_port}; 0 "
+                   "picks a free one, printed in the start-up line)")
+    p.add_argument("--assets", metavar="DIR", help="folder with gpt2-vocab.json and "
+                   "gpt2-merges.txt")
+    p.add_argument("--constants", metavar="MODULE", help="a metaseq-style constants module "
+                   "(a .py path or a dotted name): MAX_SEQ_LEN, MAX_BATCH_TOKENS, DEFAULT_PORT, "
+                   "MAX_BEAM, BATCH_SIZE, CHECKPOINT_FOLDER; flags win over it")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (also env "
+                   "OPT_SERVE_API_KEY); without it any bearer is accepted, as ParlAI sends the "
+                   "user name")
+    p.add_argument("--max-queued-requests", type=int, metavar="N",
+                   help=f"requests waiting for admission before 429 "
+                   f"(default {DEFAULTS.max_queued_requests})")
+    p.add_argument("--request-timeout", type=float, metavar="S", help="answer 504 and free "
+                   f"the slots after S seconds (default {DEFAULTS.request_timeout_s:g})")
+    p.add_argument("--worker-timeout", type=float, metavar="S", help="a collective waiting "
+                   f"longer means a dead rank (default {DEFAULTS.worker_timeout_s:g})")
+    p.add_argument("--kv-tokens", type=int, metavar="N", help="KV-cache positions per rank")
+    p.add_argument("--max-seq-len", type=int, metavar="N", help="positions per sequence, "
+                   f"prompt included (default {DEFAULTS.max_seq_len}); smaller rows give more "
+                   "concurrent sequences for the same --kv-tokens")
+    p.add_argument("--max-batch-tokens", type=int, metavar="N", help="prompt tokens one step "
+                   f"may prefill (default {DEFAULTS.max_batch_tokens})")
+    p.add_argument("--max-batch-size", type=int, metavar="N",
+                   help=f"most sequences decoded together (default {DEFAULTS.max_batch_size})")
+    p.add_argument("--mp", type=int, metavar="M", help="model-parallel degree when spawning "
+                   "(default: the number of parts; other valid degrees cut the parts on load)")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
+                   help="default: fp16 on cuda, fp32 on cpu")
+    p.add_argument("--threads", type=int, default=64, help="HTTP worker threads, at least 16: "
+                   "each waiting client holds one, so this bounds the clients batched together")
+    p.add_argument("--model-name", help="name in responses and /v1/models (default: the "
+                   "model preset's name)")
+    p.add_argument("--demo-tokenizer", action="store_true", help="when no tokenizer files are "
+                   "found, use a byte-level stand-in (only for random demo models)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def _paragraph(message: str) -> str:
+    return textwrap.fill(" ".join(message.split()), width=100)
+
+
+def options_from_args(args: argparse.Namespace):
+    """Flags over a --constants module over metaseq's defaults."""
+    from .serve import ServeOptions, StartupError
+
+    constants = from_module(args.constants) if args.constants else DEFAULTS
+    overrides = {k: v for k, v in {
+        "max_queued_requests": args.max_queued_requests,
+        "request_timeout_s": args.request_timeout, "worker_timeout_s": args.worker_timeout,
+        "max_seq_len": args.max_seq_len, "max_batch_tokens": args.max_batch_tokens,
+        "max_batch_size": args.max_batch_size}.items() if v is not None}
+    constants = dataclasses.replace(constants, **overrides)
+    checkpoint = args.checkpoint_folder or constants.checkpoint_folder
+    if not checkpoint:
+        raise StartupError("no checkpoint: pass --checkpoint-folder DIR (the folder of "
+                           "reshard-model_part-*.pt files)")
+    if args.kv_tokens is not None and args.kv_tokens < 1:
+        raise StartupError(f"--kv-tokens {args.kv_tokens}: must be positive")
+    return ServeOptions(
+        checkpoint=checkpoint, constants=constants, host=args.host or constants.default_host,
+        port=constants.default_port if args.port is None else args.port, assets=args.assets,
+        api_key=args.api_key or os.environ.get("OPT_SERVE_API_KEY") or None,
+        kv_tokens=args.kv_tokens, device=args.device, dtype=args.dtype,
+        demo_tokenizer=args.demo_tokenizer, mp=args.mp, threads=args.threads,
+        model_name=args.model_name)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from .serve import StartupError, serve
+
+    try:
+        options = options_from_args(args)
+    except (StartupError, ValueError, TypeError, OSError, ImportError) as e:
+        print(f"opt-serve: {_paragraph(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        return serve(options, log_level=args.log_level)
+    except StartupError as e:
+        print(f"opt-serve: {_paragraph(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Prometheus metrics of one app, in a registry of its own (never the process-global one, so
+two apps in one process, e.g. in tests, do not collide)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _EngineCollector:
+    """Reads the engine loop's counters at scrape time (the loop itself knows no Prometheus)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        s = self.engine.stats
+        yield GaugeMetricFamily("opt_serve_queue_depth", "Requests waiting for admission",
+                                value=s.queued_requests)
+        yield GaugeMetricFamily("opt_serve_running_batch_size",
+                                "Sequences in the running batch", value=s.running_sequences)
+        yield GaugeMetricFamily("opt_serve_ready", "1 when the model is loaded and every rank "
+                                "is alive", value=int(self.engine.ready))
+        yield CounterMetricFamily("opt_serve_tokens_generated", "Tokens sampled",
+                                  value=s.tokens_generated)
+        yield CounterMetricFamily("opt_serve_steps", "Engine steps run", value=s.steps)
+        yield CounterMetricFamily("opt_serve_forward_seconds",
+                                  "Time spent in the model's forwards", value=s.forward_seconds)
+        yield CounterMetricFamily("opt_serve_batches_failed",
+                                  "Batches whose forward or sampling raised",
+                                  value=s.batches_failed)
+
+
+class Metrics:
+    def __init__(self, engine):
+        self.registry = CollectorRegistry()
+        self.latency = Histogram("opt_serve_request_latency_seconds",
+                                 "Completion request latency, parse to last byte", ["api"],
+                                 buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.ttft = Histogram("opt_serve_time_to_first_token_seconds",
+                              "From submission to the first sampled token", ["api"],
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.requests = Counter("opt_serve_requests", "Completion requests by outcome",
+                                ["api", "status"], registry=self.registry)
+        self.errors = Counter("opt_serve_errors", "Errors answered, by kind", ["kind"],
+                              registry=self.registry)
+        self.registry.register(_EngineCollector(engine))
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
