@@ -1,9 +1,10 @@
-"""N -> M resharding that streams: one full tensor in memory at a time, M writers open.
+"""N -> M resharding that streams: about two tensors in memory at a time, M writers open.
 
-For every tensor of the model (in checkpoint order) the N input pieces are merged into the
-full tensor, cast, cut into M pieces with the shared split rules, and each piece is appended
-to its output part. Everything is written into a hidden staging folder next to the output and
-renamed into place at the end, so a failure leaves nothing behind and the input is never
+For every tensor of the model (in checkpoint order) each output rank's piece is cut straight
+from the N memory-mapped input pieces (a view, or one concatenation into a reused buffer),
+cast if asked, and handed to that rank's writer thread, which appends it to its part while
+the next tensor is cut. Everything is written into a hidden staging folder next to the output
+and renamed into place at the end, so a failure leaves nothing behind and the input is never
 touched.
 """
 
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
+import functools
 import json
+import math
 import os
 import shutil
 import time
@@ -27,7 +31,7 @@ from opt_serving.checkpoint.formats import dtype_name, open_parts
 from opt_serving.checkpoint.metaseq import part_metadata
 from opt_serving.checkpoint.writer import CheckpointWriter, TensorSpec
 from opt_serving.config import closest_preset
-from opt_serving.split_rules import Split, rule_for, shard, sharded_shape, unfuse_kvq
+from opt_serving.split_rules import Split, rule_for, sharded_shape
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ASSETS = ("gpt2-vocab.json", "gpt2-merges.txt")
@@ -105,7 +109,11 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
     parts = open_parts(inputs)
     view = GlobalView(parts, QKVLayout.parse(input_qkv) if input_qkv else None)
     cfg = view.cfg
-    cfg.check_mp(mp)
+    try:
+        cfg.check_mp(mp)
+    except ValueError as e:  # name the file, as every other bad-input message does
+        raise CheckpointError(parts[0].files[0], f"holds a model that cannot be split {mp} "
+                              f"ways: {e}", "pass one of those values as --mp") from None
     if qkv_out == "separate" and mp != 1:
         raise ValueError("--qkv-out separate writes consolidated (--mp 1) files only: metaseq "
                          "parts always hold fused qkv_proj")
@@ -114,7 +122,8 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
     out_dtype = view.dtype if dtype == "keep" else DTYPES[dtype]
     input_files = [f for p in parts for f in p.files]
 
-    out = Path(output_dir) if output_dir else default_output_dir(inputs, mp)
+    # Absolute, so that the folder printed at the end is unambiguous.
+    out = (Path(output_dir) if output_dir else default_output_dir(inputs, mp)).absolute()
     _prepare_output(out, input_files, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     itemsize = torch.empty((), dtype=out_dtype).element_size()
@@ -150,18 +159,7 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
             bar = stack.enter_context(tqdm(total=sum(s.nbytes for m in specs for s in m.values()),
                                            unit="B", unit_scale=True, unit_divisor=1024,
                                            desc=f"reshard -> mp{mp}", disable=not progress))
-            current, full = None, None
-            for oname, gname, third in names:
-                if gname != current:
-                    full, current = None, gname  # free the previous tensor first
-                    full = view.read(gname)
-                    if gname != "decoder.version":
-                        full = full.to(out_dtype)
-                tensor = full if third is None else unfuse_kvq(full)[third]
-                for r in range(mp):
-                    spec = specs[r][oname]
-                    writers[r].write(spec, shard(rule_for(oname), tensor, r, mp).to(spec.dtype))
-                    bar.update(spec.nbytes)
+            _stream(view, names, specs, writers, bar)
         manifest_parts = [{"file": part_name(r), "bytes": w.size, "sha256": w.sha256}
                           for r, w in enumerate(writers)]
         copied = _copy_assets(input_files[0], staging)
@@ -177,11 +175,85 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         _publish(staging, out)
+    except CheckpointError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not e.path.startswith(str(staging)):
+            raise
+        # A write failed (disk full): name the file the user asked for, not the staging one.
+        raise CheckpointError(str(out / Path(e.path).relative_to(staging)), e.problem,
+                              e.fix) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ReshardResult(out, manifest_parts, seconds, sum(p["bytes"] for p in manifest_parts),
                          cfg.name, view.n, mp)
+
+
+def _stream(view: GlobalView, names: list, specs: list[dict], writers: list[CheckpointWriter],
+            bar: tqdm) -> None:
+    """Every tensor: cut each rank's piece from the inputs, hand it to that rank's writer.
+
+    The writers write tensor i while the pieces of tensor i + 1 are cut (a view of the mapped
+    input, or one copy; a second one only for a dtype cast), and we wait for tensor i before
+    handing over i + 1: at most two tensors' worth of pieces are alive at any time, whatever
+    the model size.
+    """
+    trim = _malloc_trim()
+    scratch = _Scratch()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    pending: list = []
+    try:
+        for i, (oname, gname, third) in enumerate(names):
+            pieces = []
+            for r, spec in enumerate(rank_specs[oname] for rank_specs in specs):
+                # Tensor i uses buffer set i % 2: set (i - 1) % 2 is still being written.
+                alloc = functools.partial(scratch.take, (r, i % 2))
+                p = view.piece(gname, r, len(writers), third, alloc)
+                if not p.is_contiguous():  # columns of one input (row-parallel weights)
+                    p = alloc(tuple(p.shape), p.dtype).copy_(p)
+                pieces.append(p.to(spec.dtype))  # a copy only for --dtype
+            _wait(pending, bar)
+            trim()
+            pending = [(w.submit(rank_specs[oname], p), p.nbytes)
+                       for w, rank_specs, p in zip(writers, specs, pieces)]
+            del pieces, p
+        _wait(pending, bar)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _Scratch:
+    """Reusable piece buffers, two sets per rank. Fresh memory for every piece would cost a
+    page fault per 4 KiB (1.3 s of kernel time per 2.6 GB here) and fragment the heap."""
+
+    def __init__(self):
+        self.buffers: dict[tuple[int, int], torch.Tensor] = {}
+
+    def take(self, key: tuple[int, int], shape: tuple[int, ...], dtype: torch.dtype):
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self.buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype).view(shape)
+
+
+def _wait(pending: list, bar: tqdm) -> None:
+    for future, nbytes in pending:
+        future.result()  # re-raises a write error (disk full) here, in the main thread
+        bar.update(nbytes)
+
+
+def _malloc_trim():
+    """glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MiB) in the heap;
+    over hundreds of tensors of mixed sizes the heap fragments and RSS creeps up with the
+    layer count (0.25 -> 0.6 GB over opt-1.3b's 24 layers). Handing free pages back after
+    each tensor keeps peak memory flat. A no-op where malloc_trim does not exist."""
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: fn(0)
 
 
 def _copy_assets(first_input: str, staging: Path) -> list[str]:

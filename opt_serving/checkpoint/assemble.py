@@ -1,22 +1,27 @@
 """The unsharded (degree 1, fused [K; V; Q]) view of any set of input parts.
 
-``GlobalView.read(name)`` returns one full tensor, merged from the N input parts with the
-split rules and checked (shapes, replicated copies identical). The resharder then cuts it for
-the M output ranks, so at most one full tensor and one piece of it are in memory at a time.
+``GlobalView.piece(name, r, M)`` is output rank r's piece of tensor ``name`` cut straight from
+the N memory-mapped input pieces: a view when it lies inside one of them, else one
+concatenation, so a byte is copied at most once on its way to the writer and no full tensor
+is ever assembled. ``read(name)`` is the full tensor (``piece(name, 0, 1)``). Inputs are
+checked on the way (shapes, replicated copies identical).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..config import OPTConfig
-from ..split_rules import Split, fuse_kvq, merge, rule_for, sharded_shape
+from ..split_rules import Split, rule_for, sharded_shape, split_dim
 from .errors import CheckpointError
 from .formats import Part, model_config
 
+# alloc(shape, dtype) -> a tensor to write a piece into (the resharder reuses its buffers).
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
 _QKV = re.compile(r"(decoder\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)\Z")
 
 
@@ -72,6 +77,7 @@ class GlobalView:
                     "--input-qkv concat:N (N = the original degree), then check the result with "
                     "`reshard verify` and a few generations")
             self.qkv_layout = layout
+        self._checked: set[str] = set()  # replicated tensors already compared across parts
         self._check()
 
     @property
@@ -116,36 +122,87 @@ class GlobalView:
                                           f"{list(want)}", "the parts do not belong together, "
                                           "or the cfg is wrong: use the original files")
 
-    def _merged(self, name: str) -> torch.Tensor:
-        split = rule_for(name)
-        pieces = [p.tensors[name].read() for p in self.parts]
-        if split is Split.REPLICATED:
+    def _pieces(self, name: str) -> list[torch.Tensor]:
+        """The N input ranks' tensors, memory-mapped: nothing is read until it is touched."""
+        return [p.tensors[name].mmap() for p in self.parts]
+
+    def _replicated(self, name: str) -> torch.Tensor:
+        pieces = self._pieces(name)
+        if name not in self._checked:
             for p, t in zip(self.parts[1:], pieces[1:]):
                 if not torch.equal(t, pieces[0]):
                     raise CheckpointError(p.files[0], f"disagrees with part 0 on the replicated "
                                           f"tensor {name}", "the parts come from different "
                                           "checkpoints or one is corrupt: use matching parts")
-            return pieces[0]
-        return merge(split, pieces)
+            self._checked.add(name)
+        return pieces[0]
+
+    def _thirds(self, name: str) -> list[list[torch.Tensor]]:
+        """K, V and Q of a qkv tensor, each as consecutive row blocks (one per input rank)."""
+        m = _QKV.match(name)
+        if self.separate:
+            return [self._pieces(f"{m[1]}{x}_proj.{m[2]}") for x in "kvq"]
+        pieces = self._pieces(name)
+        if self.n == 1 and self.qkv_layout.chunks > 1:  # [K_0; V_0; Q_0; K_1; ...] in one file
+            pieces = list(pieces[0].chunk(self.qkv_layout.chunks, dim=0))
+        per_rank = [p.chunk(3, dim=0) for p in pieces]  # rank j: (K_j, V_j, Q_j)
+        return [[kvq[t] for kvq in per_rank] for t in range(3)]
+
+    def piece(self, name: str, rank: int = 0, world: int = 1, third: int | None = None,
+              alloc: Alloc | None = None) -> torch.Tensor:
+        """Rank ``rank`` of ``world``'s piece of ``name`` (fused qkv: [K_r; V_r; Q_r], or only
+        third ``third`` of it: 0 = K, 1 = V, 2 = Q). Either a view of the mapped input (do
+        not modify it) or a concatenation into ``alloc(shape, dtype)`` (fresh memory if None).
+        """
+        split = rule_for(name)
+        if split is Split.REPLICATED:
+            return self._replicated(name)
+        if split is Split.QKV:
+            thirds = self._thirds(name)
+            wanted = thirds if third is None else [thirds[third]]
+            return _join([b for blocks in wanted for b in _cut(blocks, 0, rank, world)], 0,
+                         alloc)
+        dim = split_dim(split)
+        out = _join(_cut(self._pieces(name), dim, rank, world), dim, alloc)
+        if name == "decoder.embed_tokens.weight":
+            self._check_output_projection(out, rank, world)
+        return out
 
     def read(self, name: str) -> torch.Tensor:
         """Full unsharded tensor ``name`` (fused qkv in global [K; V; Q] order)."""
-        inputs = self._input_names(name)
-        if len(inputs) == 3:
-            return fuse_kvq(*(self._merged(n) for n in inputs))
-        full = self._merged(name)
-        if rule_for(name) is Split.QKV and self.n == 1 and self.qkv_layout.chunks > 1:
-            full = merge(Split.QKV, list(full.chunk(self.qkv_layout.chunks, dim=0)))
-        if name == "decoder.embed_tokens.weight":
-            self._check_output_projection(full)
-        return full
+        return self.piece(name)
 
-    def _check_output_projection(self, embed: torch.Tensor) -> None:
-        if "decoder.output_projection.weight" not in self.parts[0].tensors:
+    def _check_output_projection(self, embed: torch.Tensor, rank: int, world: int) -> None:
+        name = "decoder.output_projection.weight"
+        if name not in self.parts[0].tensors:
             return
-        proj = self._merged("decoder.output_projection.weight")
+        proj = _join(_cut(self._pieces(name), 0, rank, world), 0)
         if not torch.equal(proj, embed):
             raise CheckpointError(self.parts[0].files[0], "holds an output_projection that "
                                   "differs from embed_tokens (OPT ties them; metaseq would "
                                   "silently overwrite the embedding with it)", "this is not a "
                                   "standard OPT checkpoint: check where it came from")
+
+
+def _cut(blocks: list[torch.Tensor], dim: int, rank: int, world: int) -> list[torch.Tensor]:
+    """Views of ``blocks`` (consecutive along ``dim``) covering rank ``rank``'s equal share."""
+    total = sum(b.shape[dim] for b in blocks)
+    if total % world:
+        raise ValueError(f"dimension {dim} of size {total} does not split {world} ways")
+    start, stop = rank * total // world, (rank + 1) * total // world
+    out, base = [], 0
+    for b in blocks:
+        lo, hi = max(start, base), min(stop, base + b.shape[dim])
+        if lo < hi:
+            out.append(b.narrow(dim, lo - base, hi - lo))
+        base += b.shape[dim]
+    return out
+
+
+def _join(blocks: list[torch.Tensor], dim: int, alloc: Alloc | None = None) -> torch.Tensor:
+    if len(blocks) == 1:
+        return blocks[0]
+    shape = list(blocks[0].shape)
+    shape[dim] = sum(b.shape[dim] for b in blocks)
+    out = alloc(tuple(shape), blocks[0].dtype) if alloc else None
+    return torch.cat(blocks, dim=dim, out=out)

@@ -107,6 +107,17 @@ class FlatSlice:
             base += valid
         return torch.cat(out).view(self.shape)
 
+    def mmap(self) -> torch.Tensor:
+        """Like ``read``, from memory-mapped shards: a view when one shard holds it all."""
+        want_lo, want_hi = self.start, self.start + math.prod(self.shape)
+        out, base = [], 0
+        for flat, valid in self.pieces:
+            lo, hi = max(want_lo, base), min(want_hi, base + valid)
+            if lo < hi:
+                out.append(flat.mmap()[lo - base:hi - base])
+            base += valid
+        return (out[0] if len(out) == 1 else torch.cat(out)).view(self.shape)
+
 
 @dataclass
 class Part:

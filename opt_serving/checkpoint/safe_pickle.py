@@ -120,13 +120,20 @@ class LazyTensor:
             a, b = rows
             per_row = math.prod(self.shape[1:])
             first, count, shape = first + a * per_row, (b - a) * per_row, (b - a, *self.shape[1:])
-        buf = bytearray(count * self.itemsize)
+        # torch.empty, not bytearray: the buffer is not zero-filled first (a full extra pass
+        # over memory), and large ones come from torch's allocator.
+        raw = torch.empty(count * self.itemsize, dtype=torch.uint8)
+        view, done = memoryview(raw.numpy()), 0
         with open(self.path, "rb") as f:
-            got = os.preadv(f.fileno(), [buf], self.file_offset + first * self.itemsize)
-        if got != len(buf):
-            raise CheckpointError(self.path, "is truncated: a tensor's bytes end past the end "
-                                  "of the file", "download or copy the file again")
-        flat = torch.frombuffer(buf, dtype=self.dtype) if buf else torch.empty(0, dtype=self.dtype)
+            while done < len(view):  # one read returns at most ~2 GiB on Linux
+                got = os.preadv(f.fileno(), [view[done:]],
+                                self.file_offset + first * self.itemsize + done)
+                if got <= 0:
+                    raise CheckpointError(self.path, "is truncated: a tensor's bytes end past "
+                                          "the end of the file", "download or copy the file "
+                                          "again")
+                done += got
+        flat = raw.view(self.dtype)
         if rows is not None or self._contiguous():
             return flat.view(shape)
         return flat.as_strided(self.shape, self.stride, 0)
