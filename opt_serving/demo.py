@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import requests
-import torch
 
 from assets import FILES as ASSET_FILES, asset_dir, has_assets
 from reshard.core import reshard

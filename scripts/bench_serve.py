@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "tests"))
 from opt_serving.checkpoint import synthetic  # noqa: E402
 from opt_serving.checkpoint.loading import load_model  # noqa: E402
 from opt_serving.config import DICT_SIZE, get_preset  # noqa: E402
+from opt_serving.hf_twin import hf_twin  # noqa: E402
 from opt_serving.model import KVCache  # noqa: E402
 from server_helpers import ServerProcess  # noqa: E402
 
@@ -49,29 +50,6 @@ WINDOW_S = 0.1
 
 def prompt_ids(i: int, length: int = 16) -> list[int]:
     return [(1000 + 37 * i + 11 * j) % 50000 + 4 for j in range(length)]
-
-
-def hf_twin(model):
-    import transformers
-    cfg = model.cfg
-    hf = transformers.OPTForCausalLM(transformers.OPTConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
-        ffn_dim=cfg.ffn_dim, num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, do_layer_norm_before=True,
-        word_embed_proj_dim=cfg.embed_dim, dropout=0.0, attention_dropout=0.0,
-        activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)).eval()
-    state = {}
-    for name, t in model.state_dict().items():
-        if name == "decoder.version":
-            continue
-        if "qkv_proj" in name:
-            for x, piece in zip("kvq", t.chunk(3)):
-                state["model." + name.replace("qkv_proj", f"{x}_proj")] = piece
-        else:
-            state["model." + name.replace("decoder.layer_norm", "decoder.final_layer_norm")] = t
-    state["lm_head.weight"] = model.state_dict()["decoder.embed_tokens.weight"]
-    hf.load_state_dict(state, strict=True)
-    return hf
 
 
 def hf_decode_rate(model, steps: int) -> float:

@@ -4,33 +4,10 @@ import pytest
 import torch
 
 from opt_serving.config import DICT_SIZE, PRESETS, get_preset
+from opt_serving.hf_twin import hf_twin
 from opt_serving.model import KVCache, OPTModel, init_random
 
 transformers = pytest.importorskip("transformers")
-
-
-def hf_twin(model: OPTModel):
-    """HF OPTForCausalLM holding the same weights (fused [K; V; Q] -> k/v/q_proj)."""
-    cfg = model.cfg
-    hf_cfg = transformers.OPTConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.embed_dim, num_hidden_layers=cfg.num_layers,
-        ffn_dim=cfg.ffn_dim, num_attention_heads=cfg.num_heads,
-        max_position_embeddings=cfg.max_positions, do_layer_norm_before=True,
-        word_embed_proj_dim=cfg.embed_dim, dropout=0.0, attention_dropout=0.0,
-        activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)
-    hf = transformers.OPTForCausalLM(hf_cfg).eval()
-    state = {}
-    for name, t in model.state_dict().items():
-        if name == "decoder.version":
-            continue
-        if "qkv_proj" in name:
-            for x, piece in zip("kvq", t.chunk(3)):
-                state["model." + name.replace("qkv_proj", f"{x}_proj")] = piece
-        else:
-            state["model." + name.replace("decoder.layer_norm", "decoder.final_layer_norm")] = t
-    state["lm_head.weight"] = model.state_dict()["decoder.embed_tokens.weight"]
-    hf.load_state_dict(state, strict=True)
-    return hf
 
 
 @pytest.fixture(scope="module")
