@@ -197,3 +197,25 @@ def test_missing_assets_need_the_explicit_demo_tokenizer(capsys, tmp_path, serve
         demo_tokenizer=True)
     _, tok = prepare(options, RankEnv(0, 1, 0, "127.0.0.1", 0, "single"))
     assert isinstance(tok, ByteTokenizer) and tok.decode(tok.encode("héllo")) == "héllo"
+
+
+def test_out_of_memory_fails_only_that_batch(serve_checkpoints):
+    """A real allocation failure: the server's address space is capped (prlimit) just above
+    its current size, so a 500-token echo request's (T, V) logits cannot be allocated."""
+    resource = pytest.importorskip("resource")
+    proc = ServerProcess("--checkpoint-folder", str(serve_checkpoints[1]), *SERVER_ARGS)
+    try:
+        assert proc.post("/completions", {"prompt": "hi", "max_tokens": 3}).status_code == 200
+        with open(f"/proc/{proc.proc.pid}/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
+        resource.prlimit(proc.proc.pid, resource.RLIMIT_AS, (vm + (60 << 20),
+                                                              resource.RLIM_INFINITY))
+        big = {"prompt": list(range(100, 600)), "max_tokens": 0, "echo": True}
+        r = proc.post("/completions", big)
+        assert r.status_code == 503, r.text
+        assert r.json()["error"]["code"] == "out_of_memory"
+        r = proc.post("/completions", {"prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 200 and len(r.json()["choices"]) == 1
+        assert proc.get("/readyz").status_code == 200
+    finally:
+        proc.stop()

@@ -236,7 +236,8 @@ class Engine:
         self.stats.running_sequences = len(self.scheduler.running)
 
     def _fail_batch(self, plan: StepPlan, exc: Exception) -> None:
-        oom = isinstance(exc, torch.OutOfMemoryError)
+        # CUDA raises OutOfMemoryError; torch's CPU allocator a RuntimeError with ENOMEM.
+        oom = isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
         log.error("a batch of %d rows failed: %s: %s", len(plan.rows), type(exc).__name__, exc,
                   exc_info=not oom)
         if oom:
