@@ -23,7 +23,6 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
 def free_port() -> int:

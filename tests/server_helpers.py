@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import requests
+from paths import ASSETS
 
 REPO = Path(__file__).resolve().parents[1]
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 URL_RE = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
 WORKER_RE = re.compile(r"worker rank (\d+) pid (\d+)")
 # 32 slots of 512 positions: the concurrency tests fit in one running batch.

@@ -20,7 +20,8 @@ import requests
 
 from agents.bb3 import Agent, AgentConfig, AgentError
 from agents.safety import UNSAFE_INPUT_MESSAGE, UNSAFE_REPLY_MESSAGE
-from loopback import (ASSETS, ScriptedServer, SearchServerProcess, forward, free_port,
+from paths import ASSETS
+from loopback import (ScriptedServer, SearchServerProcess, forward, free_port,
                       json_answer, safe_interactive, search_cli)
 
 BOT = "[BlenderBot3]: "

@@ -4,7 +4,6 @@ completions-api.md), measured with metaseq's real GPT-2 BPE files from ../shared
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -12,14 +11,15 @@ from hypothesis import strategies as st
 
 from agents import prompts as P
 from agents.tokens import bpe_tokenizer, estimate_tokenizer, estimate_tokens, load_tokenizer
+from paths import ASSETS
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
 
 @pytest.fixture(scope="module")
 def bpe():
     if not (ASSETS / "gpt2-vocab.json").is_file():
-        pytest.skip(f"tokenizer assets not found in {ASSETS}")
+        pytest.fail(f"tokenizer assets not found in {ASSETS}: set OPT_SERVING_TEST_ASSETS "
+                    "or run `opt-assets fetch`")
     return bpe_tokenizer(ASSETS)
 
 

@@ -27,9 +27,9 @@ from reshard.cli import main
 from reshard.core import reshard
 from reshard.inspect import inspect_path
 from reshard.verify import verify
+from paths import ASSETS
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 KEYS = {"model", "cfg", "optimizer_history", "extra_state", "args"}
 
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 
@@ -12,8 +11,8 @@ from opt_serving.server.schema import (
     SSE_DONE, ChoiceResult, RequestError, build_choice, metaseq_response, openai_response,
     parse_body, parse_request, stream_chunk)
 from opt_serving.tokenizer import Tokenizer, locate_assets
+from paths import ASSETS
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
 # ParlAI's BB3 client, as logged in ../shared/reference/completions-api.md, byte for byte.
 PARLAI_BODY = (

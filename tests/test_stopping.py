@@ -1,14 +1,13 @@
 """Stop criteria, fed token by token as the engine does."""
 
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from opt_serving.stopping import StopCriteria, check, find_stop, releasable
 from opt_serving.tokenizer import Tokenizer, locate_assets
+from paths import ASSETS
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
 
 def feed(c: StopCriteria, pieces, eos_at=None):

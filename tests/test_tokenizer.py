@@ -9,8 +9,8 @@ from tokenizers import ByteLevelBPETokenizer
 
 from opt_serving import tokenizer as tk
 from opt_serving.tokenizer import AssetError, Tokenizer, char_offsets, check_vocab, locate_assets
+from paths import ASSETS
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 TEXTS = ["Person 1: Hi!\nSearch Decision:", " café 😀 naïve — 日本語",
          "Question: why?\n\nAnswer:", "</s> literal", "a\tb  c   d"]
 
