@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _paragraph(message: str) -> str:
-    return textwrap.fill(" ".join(message.split()), width=100)
+    # No breaks at hyphens or inside long words: flags and paths stay whole for copy-paste.
+    return textwrap.fill(" ".join(message.split()), width=100, break_on_hyphens=False,
+                         break_long_words=False)
 
 
 def options_from_args(args: argparse.Namespace):
