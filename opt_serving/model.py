@@ -55,10 +55,6 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
 
-    @staticmethod
-    def bytes_needed(cfg: OPTConfig, tokens: int, dtype_bytes: int, tp_size: int = 1) -> int:
-        return cfg.kv_bytes_per_token(dtype_bytes) * tokens // tp_size
-
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: OPTConfig):

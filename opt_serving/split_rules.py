@@ -79,21 +79,6 @@ def sharded_shape(split: Split, shape: tuple[int, ...], world: int) -> tuple[int
     return tuple(out)
 
 
-def merge(split: Split, pieces: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of ``shard`` over all ranks: pieces[r] is rank r's tensor."""
-    if split is Split.REPLICATED or len(pieces) == 1:
-        return pieces[0]
-    if split is Split.QKV:
-        thirds = [p.chunk(3, dim=0) for p in pieces]  # per rank: (K_r, V_r, Q_r)
-        return torch.cat([torch.cat([t[i] for t in thirds]) for i in range(3)])
-    return torch.cat(pieces, dim=split_dim(split))
-
-
-def fuse_kvq(k: torch.Tensor, v: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Separate projections -> metaseq's global fused layout [K; V; Q]."""
-    return torch.cat([k, v, q], dim=0)
-
-
 def unfuse_kvq(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global fused [K; V; Q] -> (k, v, q)."""
     k, v, q = qkv.chunk(3, dim=0)

@@ -2,7 +2,7 @@
 
 The model is built on the meta device, sharded by the TP pass (shapes only), and then given
 this rank's tensors with a strict ``load_state_dict(assign=True)``: memory-mapped when the
-checkpoint already has one part per rank, otherwise cut from the full tensors on the fly.
+checkpoint already has one part per rank, otherwise cut from the inputs piece by piece.
 """
 
 from __future__ import annotations
@@ -12,22 +12,8 @@ import torch
 from .. import tensor_parallel
 from ..config import OPTConfig
 from ..model import SINGLE, Comm, OPTModel
-from ..split_rules import fuse_kvq, rule_for, shard
 from .assemble import GlobalView, QKVLayout
-from .formats import Part, model_config, open_parts
-
-
-def _own_part_state(part: Part) -> dict[str, torch.Tensor]:
-    """This rank's tensors from a part already at the serving degree (zero-copy mmap)."""
-    state = {}
-    for name in model_config(part).param_shapes():
-        if name in part.tensors:
-            t = part.tensors[name]
-            state[name] = t.mmap() if hasattr(t, "mmap") else t.read()
-        else:  # separate k/v/q in a consolidated file
-            state[name] = fuse_kvq(*(part.tensors[name.replace("qkv_proj", f"{x}_proj")].read()
-                                     for x in "kvq"))
-    return state
+from .formats import model_config, open_parts
 
 
 def load_model(checkpoint: str | list[str], *, comm: Comm = SINGLE,
@@ -43,11 +29,12 @@ def load_model(checkpoint: str | list[str], *, comm: Comm = SINGLE,
     tensor_parallel.apply(model, comm)
     # Validates every part (keys, shapes, the fused-qkv order) before any weight is read.
     view = GlobalView(parts, QKVLayout.parse(input_qkv) if input_qkv else None)
-    if len(parts) == comm.size and not parts[comm.rank].flattened and view.qkv_layout.chunks == 1:
-        state = _own_part_state(parts[comm.rank])
-    else:
-        state = {n: shard(rule_for(n), view.read(n), comm.rank, comm.size).contiguous()
-                 for n in view.names()}
+    own = parts[comm.rank] if len(parts) == comm.size else None
+    if own is not None and own.kind == "fused qkv" and view.qkv_layout.chunks == 1:
+        # One part per rank, stored as the model wants it: zero-copy, memory-mapped.
+        state = {n: own.tensors[n].mmap() for n in view.names()}
+    else:  # other degree, FSDP shards, separate q/k/v: cut this rank's pieces on the fly
+        state = {n: view.piece(n, comm.rank, comm.size).contiguous() for n in view.names()}
     target = dtype or state["decoder.embed_tokens.weight"].dtype
     state = {n: t.to(device=device, dtype=torch.float32 if n == "decoder.version" else target)
              for n, t in state.items()}

@@ -244,24 +244,3 @@ class CheckpointWriter:
             os.unlink(self.tmp)
         except FileNotFoundError:
             pass
-
-
-def save_state(path: str | os.PathLike, obj: object) -> tuple[str, int]:
-    """Write ``obj`` (real tensors as leaves) through the streaming writer. Returns (sha, size)."""
-    tensors: list[tuple[TensorSpec, torch.Tensor]] = []
-
-    def to_spec(o):
-        if isinstance(o, torch.Tensor):
-            spec = TensorSpec(str(len(tensors)), tuple(o.shape), o.dtype)
-            tensors.append((spec, o))
-            return spec
-        if isinstance(o, dict):
-            return type(o)((k, to_spec(v)) for k, v in o.items())
-        if isinstance(o, (list, tuple)):
-            return type(o)(to_spec(v) for v in o)
-        return o
-
-    with CheckpointWriter(path, to_spec(obj)) as w:
-        for spec, t in tensors:
-            w.write(spec, t)
-    return w.sha256, w.size
