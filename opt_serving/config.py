@@ -10,6 +10,8 @@ import argparse
 import dataclasses
 from dataclasses import dataclass
 
+import torch
+
 # metaseq pads its 50265-symbol dictionary to a multiple of 8: ids 50265..50271 are
 # "madeupword" padding symbols that must never be produced.
 VOCAB_SIZE = 50272
@@ -20,6 +22,8 @@ POSITION_OFFSET = 2
 PAD_ID = 1
 BOS_ID = 0
 EOS_ID = 2
+# The dtypes the command-line tools accept, by the names they use.
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass(frozen=True)

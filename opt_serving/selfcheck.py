@@ -16,7 +16,7 @@ import torch
 
 from . import distributed
 from .checkpoint.loading import load_model
-from .config import DICT_SIZE
+from .config import DICT_SIZE, DTYPES
 from .model import SINGLE
 
 PROBE = [[2, 133, 812, 16, 10, 4, 50118, 1000, 7, 9], [2, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
     args = p.parse_args(argv)
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     ref = tp_logits(args.checkpoint, 1, device, dtype)
     worst = 0.0

@@ -14,8 +14,9 @@ import textwrap
 
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.writer import is_disk_full
+from opt_serving.config import DTYPES
 
-from .core import DTYPES, reshard
+from .core import reshard
 from .inspect import format_report, inspect_path
 from .verify import verify
 

@@ -25,16 +25,16 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from assets import FILES as ASSET_FILES
 from opt_serving.checkpoint.assemble import GlobalView, QKVLayout
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import dtype_name, open_parts
 from opt_serving.checkpoint.metaseq import part_metadata
 from opt_serving.checkpoint.writer import CheckpointWriter, TensorSpec
-from opt_serving.config import closest_preset
+from opt_serving.config import DTYPES, closest_preset
 from opt_serving.split_rules import Split, rule_for, sharded_shape
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ASSETS = ("gpt2-vocab.json", "gpt2-merges.txt")
+ASSETS = tuple(ASSET_FILES)  # the tokenizer files copied along when they sit beside the input
 MANIFEST_FORMAT = "opt-serving-reshard/1"
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import OPTConfig
+from ..config import DTYPES, OPTConfig
 from . import safe_pickle
 from .errors import CheckpointError
 from .safe_pickle import LazyTensor
@@ -225,5 +225,5 @@ def read_config(path: str) -> tuple[OPTConfig, int]:
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(
+    return {v: k for k, v in DTYPES.items()}.get(
         dtype, str(dtype).replace("torch.", ""))

@@ -32,7 +32,7 @@ from opt_serving.capacity import kv_cache_tokens
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import read_config
 from opt_serving.checkpoint.loading import load_model
-from opt_serving.config import OPTConfig
+from opt_serving.config import DTYPES, OPTConfig
 from opt_serving.model import SINGLE, KVCache
 from opt_serving.tensor_parallel import DistComm
 from opt_serving.tokenizer import AssetError, Tokenizer, locate_assets
@@ -43,7 +43,6 @@ from .scheduler import Scheduler
 from .worker import Control, ModelRunner, worker_loop
 
 log = logging.getLogger("opt_serve")
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 EXIT_FAILED = 3  # a rank died or the engine failed while serving
 
 
