@@ -34,7 +34,7 @@ class StopStatus(NamedTuple):
     keep_bytes: int  # bytes of the generated text to return
 
 
-def find_stop(text: bytes, stops: Sequence[bytes], new_from: int, floor: int = 0) -> int | None:
+def find_stop(text: bytes | bytearray, stops: Sequence[bytes], new_from: int, floor: int = 0) -> int | None:
     """Start of the first stop sequence completed by the bytes from ``new_from`` on and
     starting at or after ``floor``: the earliest end wins, then the earliest start, so the
     answer does not depend on how the text was split into tokens."""
@@ -46,7 +46,7 @@ def find_stop(text: bytes, stops: Sequence[bytes], new_from: int, floor: int = 0
     return None if found is None else found[1]
 
 
-def check(c: StopCriteria, text: bytes, ends: Sequence[int], eos: bool) -> StopStatus:
+def check(c: StopCriteria, text: bytes | bytearray, ends: Sequence[int], eos: bool) -> StopStatus:
     """Call after every generated token.
 
     ``text``: bytes of the generated tokens so far, EOS excluded; ``ends[i]``: where token i
@@ -80,7 +80,7 @@ def _utf8_boundary(data: bytes, n: int) -> int:
     return n
 
 
-def releasable(text: bytes, stops: Sequence[bytes]) -> int:
+def releasable(text: bytes | bytearray, stops: Sequence[bytes]) -> int:
     """How many bytes of a running sequence's text a stream may send: everything but a tail
     that could still become a stop sequence or that ends inside a character."""
     hold = 0

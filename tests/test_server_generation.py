@@ -122,10 +122,15 @@ def _comparable(choices: list[dict]) -> list[tuple]:
 
 def test_32_concurrent_requests_each_get_what_they_get_alone(server):
     bodies = [_options(i) for i in range(32)]
+    steps = server.metric("opt_serve_steps_total")
     alone = [server.post("/completions", b) for b in bodies]
     assert all(r.status_code == 200 for r in alone), [r.text for r in alone if not r.ok]
+    steps_alone, steps = server.metric("opt_serve_steps_total") - steps, \
+        server.metric("opt_serve_steps_total")
     with ThreadPoolExecutor(32) as pool:
         together = list(pool.map(lambda b: server.post("/completions", b), bodies))
+    # They really shared batches: far fewer engine steps than one request at a time.
+    assert server.metric("opt_serve_steps_total") - steps < steps_alone / 2
     for i, (a, t) in enumerate(zip(alone, together)):
         assert t.status_code == 200, t.text
         assert _comparable(t.json()["choices"]) == _comparable(a.json()["choices"]), i

@@ -26,7 +26,7 @@ from .handles import EngineError, RequestHandle, choices_for
 from .metrics import Metrics
 from .scheduler import QueueFull
 from .schema import (SSE_DONE, CompletionRequest, RequestError, error_body, metaseq_response,
-                     openai_response, parse_body, sse, stream_chunk)
+                     openai_response, parse_body, sse, stream_chunk, top_json)
 
 log = logging.getLogger("opt_serve.http")
 METASEQ, OPENAI = "metaseq", "openai"
@@ -215,8 +215,7 @@ def create_app(service: Service) -> Flask:
                         "tokens": [tok.decode_token(t) for t, _, _ in delta.tokens],
                         "token_logprobs": [lp for _, lp, _ in delta.tokens],
                         "text_offset": [base + o for o in char_offsets(pieces)],
-                        "top_logprobs": [None if top is None else
-                                         {tok.decode_token(i): v for i, v in top}
+                        "top_logprobs": [None if top is None else top_json(tok, top)
                                          for _, _, top in delta.tokens] if req.logprobs else None}
                 chars[delta.index] = chars.get(delta.index, 0) + len(text)
                 yield chunk(delta.index, text, delta.finish_reason, logprobs)

@@ -314,7 +314,7 @@ class Engine:
             if status.stop:
                 self._finish(seq, status)
             elif st.handle.request.stream:
-                upto = releasable(bytes(st.text), st.criteria.stop)
+                upto = releasable(st.text, st.criteria.stop)
                 delta = st.delta(seq.generated, upto, bisect.bisect_right(st.ends, upto), None)
                 if delta is not None:
                     st.handle.post(delta)

@@ -107,7 +107,7 @@ class SeqState:
             self.logprobs.append(logprob)
             if top is not None:
                 self.tops.append(top)
-        return check(self.criteria, bytes(self.text), self.ends, eos)
+        return check(self.criteria, self.text, self.ends, eos)  # no per-token copy
 
     def delta(self, generated: Sequence[int], upto_bytes: int, upto_tokens: int,
               finish: str | None) -> Delta | None:

@@ -273,7 +273,7 @@ class ChoiceResult:
 TopK = Sequence[tuple[int, float]]  # (id, log-prob) pairs, best first
 
 
-def _top_json(tok, pairs: TopK) -> dict[str, float]:
+def top_json(tok, pairs: TopK) -> dict[str, float]:
     out: dict[str, float] = {}
     for token_id, lp in pairs:
         out.setdefault(tok.decode_token(token_id), lp)  # two ids may decode alike: keep best
@@ -297,13 +297,13 @@ def build_choice(tok, *, prompt: Sequence[int], generated: Sequence[int], echo: 
     tokens = tuple(tok.decode_token(i) for i in shown)
     logprobs = tuple(generated_logprobs)
     offsets = tuple(char_offsets(pieces))
-    tops = None if generated_top is None else tuple(_top_json(tok, t) for t in generated_top)
+    tops = None if generated_top is None else tuple(top_json(tok, t) for t in generated_top)
     if echo:
         # metaseq's leading </s>: a zero-width marker whose log-prob is null (metaseq #87).
         tokens, offsets = ("</s>", *tokens), (0, *offsets)
         logprobs = (None, *prompt_logprobs, *logprobs)
         if tops is not None:
-            tops = (None, *(_top_json(tok, t) for t in prompt_top), *tops)
+            tops = (None, *(top_json(tok, t) for t in prompt_top), *tops)
     return ChoiceResult(
         text=(echoed + completion).decode("utf-8", errors="replace"), tokens=tokens,
         token_logprobs=logprobs, text_offset=offsets, top_logprobs=tops,
