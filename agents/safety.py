@@ -138,6 +138,3 @@ class SafetyChecker:
             if p >= (self.reply_threshold if reply else self._classifier.threshold):
                 reasons.append(f"classifier: p={p:.3f}")
         return Verdict(safe=not reasons, reasons=tuple(reasons))
-
-    def is_safe(self, text: str) -> bool:
-        return self.check(text).safe

@@ -32,7 +32,7 @@ def test_string_matcher_catches_words_variants_and_leetspeak():
         verdict = matcher.check(text)
         assert not verdict.safe and verdict.reasons[0].startswith("string_matcher"), text
     for text in BENIGN:
-        assert matcher.is_safe(text), text
+        assert matcher.check(text).safe, text
 
 
 def test_variants_follow_english_spelling():
@@ -45,15 +45,15 @@ def test_classifier_catches_insults_the_word_list_misses():
     classifier = SafetyChecker("classifier")
     verdict = classifier.check("you are an idiot and everybody hates you")
     assert not verdict.safe and verdict.reasons[0].startswith("classifier: p=")
-    assert SafetyChecker("string_matcher").is_safe("you are an idiot and everybody hates you")
+    assert SafetyChecker("string_matcher").check("you are an idiot and everybody hates you").safe
     for text in BENIGN:
-        assert classifier.is_safe(text), text
+        assert classifier.check(text).safe, text
 
 
 def test_modes(everything):
-    assert not everything.is_safe("go fuck yourself")
+    assert not everything.check("go fuck yourself").safe
     assert len(everything.check("you stupid fucking idiot").reasons) == 2
-    assert SafetyChecker("none").is_safe("go fuck yourself")
+    assert SafetyChecker("none").check("go fuck yourself").safe
     with pytest.raises(ValueError, match="all, string_matcher, classifier, none"):
         SafetyChecker("strict")
 
@@ -61,7 +61,7 @@ def test_modes(everything):
 def test_replies_can_be_held_to_a_stricter_threshold():
     checker = SafetyChecker("classifier", reply_threshold=0.5)
     # "I hate mondays" scores about 0.9: a blunt user message, but not what the bot should say.
-    assert checker.is_safe("I hate mondays")
+    assert checker.check("I hate mondays").safe
     verdict = checker.check("I hate mondays", reply=True)
     assert not verdict.safe and verdict.reasons[0].startswith("classifier: p=0.9")
     assert SafetyChecker("classifier").check("I hate mondays", reply=True).safe

@@ -17,10 +17,11 @@ class SearchError(ServiceError):
 
 class SearchClient:
     def __init__(self, url: str, policy: RetryPolicy = RetryPolicy(timeout_s=10.0,
-                                                                   max_retries=1)):
+                                                                   max_retries=1),
+                 pool_size: int = 2):
         self.url = normalise_url(url)  # no path appended: ParlAI posts to the URL as given
         self.policy = policy
-        self._session = make_session(2)
+        self._session = make_session(pool_size)
 
     def search(self, query: str, n: int = 5) -> list[Document]:
         body = request_json(self._session, "POST", self.url, self.policy, error=SearchError,
@@ -28,7 +29,8 @@ class SearchClient:
         try:
             return parse_search_response(body)[:n]
         except ValueError as exc:
-            raise SearchError(f"{self.url} answered a malformed search result: {exc}",
+            raise SearchError(f"{self.url} answered a malformed search result (unexpected shape: "
+                              f"{exc})",
                               url=self.url) from None
 
     def close(self) -> None:

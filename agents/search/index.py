@@ -242,8 +242,10 @@ def fts_query(text: str, max_terms: int = MAX_QUERY_TERMS) -> str | None:
     return " OR ".join(f'"{t}"' for t in terms) or None
 
 
-def connect_readonly(path: str | Path) -> sqlite3.Connection:
-    return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True)
+def connect_readonly(path: str | Path, timeout_s: float = 10.0) -> sqlite3.Connection:
+    """``timeout_s``: wait that long for a running `index` to release its write lock."""
+    return sqlite3.connect(Path(path).resolve().as_uri() + "?mode=ro", uri=True,
+                           timeout=timeout_s)
 
 
 def search(conn: sqlite3.Connection, query: str, n: int) -> list[Document]:

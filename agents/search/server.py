@@ -8,6 +8,8 @@ upstream a 502, never an HTML page or a 500 from a query the engine could not pa
 from __future__ import annotations
 
 import logging
+import sqlite3
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -17,9 +19,9 @@ from werkzeug.exceptions import HTTPException
 
 from agents.client import RetryPolicy, ServiceError, make_session, normalise_url, request_json
 from agents.search import index as fts
+from agents.search.client import SearchClient
 from agents.search.protocol import (BadRequest, Document, Limits, parse_search_request,
-                                    parse_search_response, parse_searxng_response,
-                                    search_response)
+                                    parse_searxng_response, search_response)
 
 log = logging.getLogger("opt-search-server")
 MAX_BODY_BYTES = 64 * 1024
@@ -37,29 +39,29 @@ class Backend(Protocol):
 
 
 class SqliteBackend:
-    """The local FTS5 index; a read-only connection per query keeps threads independent."""
+    """The local FTS5 index; one read-only connection per server thread, opened on first use
+    (SQLite connections are not shared across threads)."""
 
     def __init__(self, index_path: str | Path):
         self.path = Path(index_path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no index (build one with "
                                     f"`opt-search-server index --index {self.path} DOCS...`)")
+        self._local = threading.local()
         self.health()  # fails now, not on the first query, if the file is not an index
 
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._local.conn = fts.connect_readonly(self.path)
+        return conn
+
     def search(self, query: str, n: int) -> list[Document]:
-        conn = fts.connect_readonly(self.path)
-        try:
-            return fts.search(conn, query, n)
-        finally:
-            conn.close()
+        return fts.search(self._conn(), query, n)
 
     def health(self) -> dict:
-        conn = fts.connect_readonly(self.path)
-        try:
-            return {"backend": "sqlite", "index": str(self.path),
-                    "documents": fts.count_documents(conn)}
-        finally:
-            conn.close()
+        return {"backend": "sqlite", "index": str(self.path),
+                "documents": fts.count_documents(self._conn())}
 
 
 @dataclass(frozen=True)
@@ -83,13 +85,13 @@ class UpstreamBackend:
         self._policy = RetryPolicy(timeout_s=config.timeout_s,
                                    connect_timeout_s=min(config.timeout_s, 3.0), max_retries=0)
         self._session = make_session(threads)
+        # Another ParlAI-protocol server: the agent's own search client speaks it.
+        self._parlai = SearchClient(config.url, self._policy, pool_size=threads)
 
     def search(self, query: str, n: int) -> list[Document]:
         try:
             if self.config.kind == "parlai":
-                body = request_json(self._session, "POST", self.url, self._policy,
-                                    data={"q": query, "n": n})
-                return parse_search_response(body)[:n]
+                return self._parlai.search(query, n)
             url = self.url if self.url.endswith("/search") else self.url + "/search"
             body = request_json(self._session, "GET", url, self._policy,
                                 params={"q": query, "format": "json"})
