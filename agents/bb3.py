@@ -136,9 +136,14 @@ class Agent:
             config.opt_server, RetryPolicy(timeout_s=config.server_timeout_s,
                                            max_retries=config.max_retry_api),
             api_key=config.api_key or config.user, pool_size=config.workers)
+        self.search_problem: str | None = None  # why search is off although a server was given
         if search is None and config.raw_search_server:
-            search = SearchClient(config.raw_search_server,
-                                  RetryPolicy(timeout_s=config.search_timeout_s, max_retries=1))
+            try:
+                search = SearchClient(config.raw_search_server,
+                                      RetryPolicy(timeout_s=config.search_timeout_s,
+                                                  max_retries=1))
+            except ValueError as exc:  # as for a dead search server: go on without search
+                self.search_problem = f"search is off: {exc}"
         self.search = search
         self.memory = memory or MemoryStore(config.memory_db or default_memory_db(), config.user)
         self.safety = safety or SafetyChecker(config.safety, config.classifier_threshold,

@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, AssetError) as exc:
         print(f"safe_interactive: {exc}", file=sys.stderr)
         return 2
+    if agent.search_problem:
+        print(f"safe_interactive: {agent.search_problem}", file=sys.stderr)
     log = None if args.no_log else ConversationLog(log_path, config.user)
     if args.debug_bb3:
         print(f"[bb3] tokenizer: {agent.tokenizer.source}; completions: {agent.client.url}; "

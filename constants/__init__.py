@@ -52,11 +52,15 @@ class ServiceConstants:
     """A request not finished after this answers 504 and frees its slots."""
     worker_timeout_s: float = 60.0
     """A worker rank silent for this long is dead: /readyz turns 503 and the server exits."""
+    client_read_timeout_s: float = 30.0
+    """A client must send a request's headers and body within this many seconds of its first
+    byte, or it is disconnected (clients that trickle bytes would otherwise hold connections)."""
 
     def __post_init__(self):
         positive = ("max_seq_len", "max_batch_tokens", "max_batch_size", "max_beam",
                     "default_max_tokens", "max_sequences", "max_body_bytes",
-                    "max_queued_requests", "request_timeout_s", "worker_timeout_s")
+                    "max_queued_requests", "request_timeout_s", "worker_timeout_s",
+                    "client_read_timeout_s")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")

@@ -26,6 +26,23 @@ EOS_ID = 2
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+_LIMITS = {"num_layers": 1024, "embed_dim": 1 << 17, "num_heads": 4096, "ffn_dim": 1 << 19,
+           "vocab_size": 1 << 20, "dict_size": 1 << 20, "max_positions": 1 << 20}
+
+
+def _cfg_int(get, key: str, top: int) -> int | None:
+    """A size in metaseq's cfg: 12 and 12.0 are fine; 12.5, "12", True, 0 and sizes past
+    ``top`` are not. None when absent."""
+    v = get(key)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+        raise ValueError(f"cfg['model'].{key} must be an integer between 1 and {top}, got {v!r}")
+    return v
+
+
 @dataclass(frozen=True)
 class OPTConfig:
     """Shapes of a pre-LN OPT decoder (OPT-1.3B and up, BB3, and the tiny test sizes)."""
@@ -41,6 +58,12 @@ class OPTConfig:
     scale_embedding: bool = False  # metaseq's no_scale_embedding=True for every OPT release
 
     def __post_init__(self):
+        # A checkpoint's cfg is input: sizes past these would only allocate or loop for ever
+        # (OPT-175B: 96 layers, 12288 wide, 96 heads, 2048 positions).
+        for name, top in _LIMITS.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+                raise ValueError(f"{name} must be an integer between 1 and {top}, got {v!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"{self.name}: embed_dim {self.embed_dim} is not a multiple of "
                              f"num_heads {self.num_heads}")
@@ -120,11 +143,13 @@ class OPTConfig:
                    if get(k) is None]
         if missing:
             raise KeyError(f"cfg['model'] lacks {', '.join(missing)}")
-        d = int(get("decoder_embed_dim"))
-        layers = int(get("decoder_layers"))
-        heads = int(get("decoder_attention_heads"))
-        ffn = int(get("decoder_ffn_embed_dim") or 4 * d)
-        positions = int(get("max_target_positions") or get("tokens_per_sample") or MAX_POSITIONS)
+        d = _cfg_int(get, "decoder_embed_dim", _LIMITS["embed_dim"])
+        layers = _cfg_int(get, "decoder_layers", _LIMITS["num_layers"])
+        heads = _cfg_int(get, "decoder_attention_heads", _LIMITS["num_heads"])
+        ffn = _cfg_int(get, "decoder_ffn_embed_dim", _LIMITS["ffn_dim"]) or 4 * d
+        positions = (_cfg_int(get, "max_target_positions", _LIMITS["max_positions"])
+                     or _cfg_int(get, "tokens_per_sample", _LIMITS["max_positions"])
+                     or MAX_POSITIONS)
         scale = not bool(get("no_scale_embedding", True))
         probe = cls(name="?", num_layers=layers, embed_dim=d, num_heads=heads, ffn_dim=ffn,
                     max_positions=positions, scale_embedding=scale)

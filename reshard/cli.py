@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import textwrap
+import threading
 
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.writer import is_disk_full
 from opt_serving.config import DTYPES
 
-from .core import reshard
+from .core import Cancelled, reshard
 from .inspect import format_report, inspect_path
 from .verify import verify
 
@@ -124,9 +126,25 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 def _run_reshard(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    result = reshard(inputs=args.inputs, mp=args.mp, output_dir=args.output_dir,
-                     dtype=args.dtype, overwrite=args.overwrite, input_qkv=args.input_qkv,
-                     qkv_out=args.qkv_out, progress=not args.no_progress)
+    # While it writes, a signal only asks it to stop: reshard stops between tensors (raising
+    # in the middle of torch's zip writer would abort the process, leaving files behind).
+    cancel, received = threading.Event(), []
+
+    def defer(signum, frame):
+        received.append(signum)
+        cancel.set()
+    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, defer) for s in watched} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        result = reshard(inputs=args.inputs, mp=args.mp, output_dir=args.output_dir,
+                         dtype=args.dtype, overwrite=args.overwrite, input_qkv=args.input_qkv,
+                         qkv_out=args.qkv_out, progress=not args.no_progress, cancel=cancel)
+    except Cancelled:
+        raise _Terminated(received[0]) from None
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     print(result.summary())
     print(f"output: {result.output_dir}  (load it as {result.output_dir / 'reshard.pt'}; "
           f"check it with `reshard verify {result.output_dir}`)")
@@ -175,8 +193,27 @@ def error_message(exc: BaseException) -> str:
     return str(text)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP, raised like Ctrl-C so that the same clean-up runs."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated(signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    watched = (signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, _terminate) for s in watched} \
+        if threading.current_thread() is threading.main_thread() else {}
+    try:
+        return _main(argv)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: list[str]) -> int:
     # No subcommand means "reshard": `reshard --mp 16 consolidated.pt` works as written. A
     # checkpoint literally named "inspect" or "verify" can be given as ./inspect.
     command = argv[0] if argv and argv[0] in SUBCOMMANDS else None
@@ -186,9 +223,19 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, ValueError, KeyError, OSError) as e:
         print(f"reshard: error: {error_message(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
-        print("reshard: interrupted; nothing was left behind", file=sys.stderr)
-        return 130
+    except MemoryError:
+        print("reshard: error: out of memory. Close other programs or use a machine with more "
+              "memory; nothing was left behind.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except RecursionError:
+        print("reshard: error: the input is nested too deeply to read; nothing was left "
+              "behind.", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as e:
+        signum = e.args[0] if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"reshard: stopped by {signal.Signals(signum).name}; nothing was left behind",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

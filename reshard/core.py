@@ -18,6 +18,8 @@ import json
 import math
 import os
 import shutil
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,19 +68,43 @@ def default_output_dir(inputs: list[str], mp: int) -> Path:
 
 
 def _prepare_output(out: Path, input_files: list[str], overwrite: bool) -> None:
-    resolved = {Path(f).resolve() for f in input_files}
+    """Refuse an output folder that overlaps the input: --overwrite replaces the folder's
+    whole tree, so no input may sit anywhere below it (symlinks resolved)."""
+    target = out.resolve()
+    for f in input_files:
+        real = Path(f).resolve()
+        if target == real or target in real.parents:
+            raise CheckpointError(str(out), f"contains the input {f}; writing there (or "
+                                  "replacing it with --overwrite) would destroy the input",
+                                  "choose an --output-dir outside the input's folder tree")
     if out.exists():
         if not out.is_dir():
             raise CheckpointError(str(out), "exists and is not a folder",
                                   "choose another --output-dir")
-        inside = [p for p in out.iterdir()]
-        if any(p.resolve() in resolved for p in inside):
-            raise CheckpointError(str(out), "holds the input files; writing there could "
-                                  "overwrite them", "choose another --output-dir")
+        inside = list(out.iterdir())
         if inside and not overwrite:
             raise CheckpointError(str(out), f"is not empty ({len(inside)} entries)",
                                   "choose an empty or new --output-dir, or pass --overwrite to "
                                   "replace its contents")
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    """mkdir -p, returning the folders it created (deepest first), to remove on failure."""
+    created = []
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        created.append(p)
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            break
 
 
 def _check_space(parent: Path, needed: int) -> None:
@@ -101,10 +127,24 @@ def _output_names(view: GlobalView, qkv_out: str) -> list[tuple[str, str, int | 
     return out
 
 
+class Cancelled(Exception):
+    """``cancel`` was set: the run stopped at a tensor boundary and removed what it wrote."""
+
+
+def _check(cancel: threading.Event | None) -> None:
+    if cancel is not None and cancel.is_set():
+        raise Cancelled
+
+
 def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = None, *,
             dtype: str = "keep", overwrite: bool = False, input_qkv: str | None = None,
-            qkv_out: str = "fused", progress: bool = True) -> ReshardResult:
-    """Reshard the checkpoint in ``inputs`` to ``mp`` parts (see ``reshard --help``)."""
+            qkv_out: str = "fused", progress: bool = True,
+            cancel: threading.Event | None = None) -> ReshardResult:
+    """Reshard the checkpoint in ``inputs`` to ``mp`` parts (see ``reshard --help``).
+
+    ``cancel``: set it (from a signal handler, another thread) to stop cleanly. It is checked
+    between tensors, never inside torch's zip writer, which cannot survive an exception raised
+    while it calls back into Python."""
     started = time.perf_counter()
     parts = open_parts(inputs)
     view = GlobalView(parts, QKVLayout.parse(input_qkv) if input_qkv else None)
@@ -125,7 +165,18 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
     # Absolute, so that the folder printed at the end is unambiguous.
     out = (Path(output_dir) if output_dir else default_output_dir(inputs, mp)).absolute()
     _prepare_output(out, input_files, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    created = _make_parents(out.parent)
+    try:
+        return _write(view, parts, cfg, mp, out, out_dtype, dtype, qkv_out, input_files,
+                      progress, started, cancel)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _write(view: GlobalView, parts: list, cfg, mp: int, out: Path, out_dtype: torch.dtype,
+           dtype: str, qkv_out: str, input_files: list[str], progress: bool,
+           started: float, cancel: threading.Event | None) -> ReshardResult:
     itemsize = torch.empty((), dtype=out_dtype).element_size()
     total = cfg.param_count() * itemsize
     # Replicated tensors are written M times.
@@ -148,9 +199,11 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
     meta = part_metadata(parts[0].ckpt, cfg, mp, origin=origin,
                          qkv_layout="kvq" if qkv_out == "fused" else "separate")
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    # A fresh name: nothing that already exists (an input, say) is ever removed as staging.
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output folder's mode
     try:
         with contextlib.ExitStack() as stack:
             writers = [stack.enter_context(CheckpointWriter(staging / part_name(r),
@@ -159,7 +212,7 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
             bar = stack.enter_context(tqdm(total=sum(s.nbytes for m in specs for s in m.values()),
                                            unit="B", unit_scale=True, unit_divisor=1024,
                                            desc=f"reshard -> mp{mp}", disable=not progress))
-            _stream(view, names, specs, writers, bar)
+            _stream(view, names, specs, writers, bar, cancel)
         manifest_parts = [{"file": part_name(r), "bytes": w.size, "sha256": w.sha256}
                           for r, w in enumerate(writers)]
         copied = _copy_assets(input_files[0], staging)
@@ -174,6 +227,7 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        _check(cancel)
         _publish(staging, out)
     except CheckpointError as e:
         shutil.rmtree(staging, ignore_errors=True)
@@ -182,6 +236,13 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
         # A write failed (disk full): name the file the user asked for, not the staging one.
         raise CheckpointError(str(out / Path(e.path).relative_to(staging)), e.problem,
                               e.fix) from None
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        for attr in ("filename", "filename2"):
+            name = getattr(e, attr)
+            if name and str(name).startswith(str(staging)):
+                setattr(e, attr, str(out / Path(name).relative_to(staging)))
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -190,7 +251,7 @@ def reshard(inputs: list[str], mp: int, output_dir: str | os.PathLike | None = N
 
 
 def _stream(view: GlobalView, names: list, specs: list[dict], writers: list[CheckpointWriter],
-            bar: tqdm) -> None:
+            bar: tqdm, cancel: threading.Event | None = None) -> None:
     """Every tensor: cut each rank's piece from the inputs, hand it to that rank's writer.
 
     The writers write tensor i while the pieces of tensor i + 1 are cut (a view of the mapped
@@ -205,6 +266,7 @@ def _stream(view: GlobalView, names: list, specs: list[dict], writers: list[Chec
     pending: list = []
     try:
         for i, (oname, gname, third) in enumerate(names):
+            _check(cancel)
             pieces = []
             for r, spec in enumerate(rank_specs[oname] for rank_specs in specs):
                 # Tensor i uses buffer set i % 2: set (i - 1) % 2 is still being written.
@@ -270,8 +332,8 @@ def _publish(staging: Path, out: Path) -> None:
     """Swap the finished staging folder into place (an old one is removed only afterwards)."""
     old = None
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old)  # onto the empty folder just made
     os.replace(staging, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ from opt_serving.checkpoint.formats import PART_RE, Part, discover, dtype_name, 
 from opt_serving.config import closest_preset, same_shape
 
 from .core import ASSETS
+from .manifest import ManifestError, read_manifest
 
 _KINDS = {
     "fused": "consolidated checkpoint, fused qkv_proj",
@@ -116,12 +117,14 @@ def inspect_path(path: str) -> dict:
     manifest = folder / "manifest.json"
     if manifest.is_file():
         try:
-            m = json.loads(manifest.read_text())
+            m = read_manifest(manifest)
+            source = m.get("source")
+            files = source.get("files") if isinstance(source, dict) else None
             report["manifest"] = {"mp": m.get("mp"), "dtype": m.get("dtype"),
-                                  "parts": len(m.get("parts", [])),
-                                  "source": m.get("source", {}).get("files", [])[:1]}
-        except (OSError, ValueError, AttributeError):
-            report["manifest"] = "unreadable"
+                                  "parts": len(m["parts"]),
+                                  "source": files[:1] if isinstance(files, list) else []}
+        except (OSError, ManifestError) as e:
+            report["manifest"] = f"unreadable: {e}"
     return report
 
 

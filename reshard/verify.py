@@ -22,6 +22,7 @@ from opt_serving.config import same_shape
 from opt_serving.split_rules import Split, rule_for, sharded_shape
 
 from .core import MANIFEST_FORMAT
+from .manifest import ManifestError, read_manifest
 from .inspect import cfg_degree
 
 CHUNK = 8 << 20  # sha256 reads; big enough that syscalls do not matter, small for RAM
@@ -117,10 +118,10 @@ def _check_manifest(folder: Path, files: list[str], progress: bool) -> list[str]
         return [f"{path} is missing, so checksums were not checked (reshard writes one; a "
                 "folder from elsewhere has none)"]
     try:
-        manifest = json.loads(path.read_text())
-        entries = {e["file"]: e for e in manifest["parts"]}
-    except (ValueError, KeyError, TypeError) as e:
-        return [f"{path} is not a reshard manifest ({type(e).__name__}: {e})"]
+        manifest = read_manifest(path)
+    except ManifestError as e:
+        return [str(e)]
+    entries = {e["file"]: e for e in manifest["parts"]}
     problems = []
     if manifest.get("format") != MANIFEST_FORMAT:
         problems.append(f"{path}: unknown format {manifest.get('format')!r}")

@@ -137,6 +137,9 @@ def test_caps_and_defaults(server):
     (b'{"q": "corgi", "n": true}', "application/json", "'n' must be an integer"),
     (b'["corgi"]', "application/json", "JSON body must be an object"),
     (b'{"q": ', "application/json", "not valid JSON"),
+    (b'{"q": "a", "x": ' + b"[" * 20_000 + b"]" * 20_000 + b"}", "application/json",
+     "nested too deeply"),
+    (b'{"q": "a\\ud800"}', "application/json", "surrogate"),
 ])
 def test_bad_input_is_a_400_with_a_json_message(server, body, ctype, message):
     answer = requests.post(server.url, data=body, headers={"Content-Type": ctype}, timeout=5)

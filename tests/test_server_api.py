@@ -71,7 +71,7 @@ BAD = [
     (json.dumps({"prompt": [["a"]]}).encode(), "prompt", "token id"),
     (json.dumps({"prompt": [{"text": "a"}]}).encode(), "prompt", "prompt"),
     (json.dumps({"prompt": [1, 99999999]}).encode(), "prompt", "dictionary"),
-    (json.dumps({"prompt": "a", "temperature": -0.5}).encode(), "temperature", "at least"),
+    (json.dumps({"prompt": "a", "temperature": -0.5}).encode(), "temperature", "between 0.0 and"),
     (json.dumps({"prompt": "a", "temperature": "hot"}).encode(), "temperature", "number"),
     (json.dumps({"prompt": "a", "n": 3, "best_of": 2}).encode(), "best_of", "at least n"),
     (json.dumps({"prompt": "a", "n": 17}).encode(), "n", "between"),
@@ -91,10 +91,10 @@ def test_bad_input_is_400_naming_the_field(server, raw, param, words):
     assert words in err["message"]
 
 
-def test_body_over_limit_is_400_and_server_keeps_serving(server):
+def test_body_over_limit_is_413_and_server_keeps_serving(server):
     big = b'{"prompt": "' + b"a" * (4 * 1024 * 1024 + 16) + b'"}'
     r = server.post("/v1/completions", data=big, headers={"Content-Type": "application/json"})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "body_too_large"
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     assert server.post("/completions", {"prompt": "still here", "max_tokens": 2}).ok
 
 

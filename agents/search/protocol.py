@@ -61,6 +61,8 @@ def parse_search_request(body: bytes, content_type: str, query_string: bytes,
         if "json" in content_type.lower() or text.lstrip().startswith("{"):
             try:
                 parsed = json.loads(text)
+            except RecursionError:
+                raise BadRequest("the JSON body is nested too deeply") from None
             except ValueError as exc:
                 raise BadRequest(f"request body is not valid JSON: {exc}") from None
             if not isinstance(parsed, dict):
@@ -73,6 +75,10 @@ def parse_search_request(body: bytes, content_type: str, query_string: bytes,
     query = fields["q"]
     if not isinstance(query, str):
         raise BadRequest("'q' must be a string")
+    try:
+        query.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("'q' holds a lone UTF-16 surrogate: send valid Unicode") from None
     n = fields.get("n", limits.default_results)
     if isinstance(n, bool) or not isinstance(n, (int, str)):
         raise BadRequest("'n' must be an integer")

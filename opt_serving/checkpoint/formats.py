@@ -151,34 +151,80 @@ def _strip(name: str) -> str:
     return name[len("module."):] if name.startswith("module.") else name
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _param_metadata(path: str, ckpt: dict) -> list[dict]:
+    """shard_metadata["param_metadata"], checked: a list of {"fsdp_path": str, "params":
+    {flat name: {"names": [str], "shapes": [[int]], "numels": [int], "padding": int}}}."""
+    def bad(what: str) -> CheckpointError:
+        return CheckpointError(path, f"has corrupt FSDP shard_metadata: {what}",
+                               "use the original FSDP shard files")
+    meta = ckpt.get("shard_metadata")
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_metadata"), list):
+        raise CheckpointError(path, "has flattened parameters but no shard_metadata with a "
+                              "param_metadata list", "this file cannot be un-flattened; use "
+                              "the original FSDP shards")
+    for i, entry in enumerate(meta["param_metadata"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("params"), dict):
+            raise bad(f"param_metadata[{i}] has no 'params' dict")
+        if not isinstance(entry.get("fsdp_path", ""), str):
+            raise bad(f"param_metadata[{i}].fsdp_path is not a string")
+        for flat, info in entry["params"].items():
+            where = f"param_metadata[{i}].params[{flat!r}]"
+            if not isinstance(info, dict) or not all(k in info for k in
+                                                      ("names", "shapes", "numels", "padding")):
+                raise bad(f"{where} lacks names, shapes, numels or padding")
+            names, shapes, numels = info["names"], info["shapes"], info["numels"]
+            if not (isinstance(names, list) and isinstance(shapes, list)
+                    and isinstance(numels, list)) or not len(names) == len(shapes) == len(numels):
+                raise bad(f"{where}: names, shapes and numels are not lists of one length")
+            for name, shape, numel in zip(names, shapes, numels):
+                if not isinstance(name, str) or not isinstance(shape, (list, tuple)) or \
+                        not all(_is_count(x) for x in shape) or not _is_count(numel) or \
+                        math.prod(shape) != numel:
+                    raise bad(f"{where}: {name!r} has shape {shape!r} and numel {numel!r}")
+            if not _is_count(info["padding"]):
+                raise bad(f"{where}: padding {info['padding']!r} is not a count")
+    names = meta.get("buffer_names", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("buffer_names is not a list of names")
+    return meta["param_metadata"]
+
+
 def _unflatten(files: list[str], dicts: list[dict]) -> dict:
     """FSDP shards of one part -> name -> FlatSlice (checkpoints.md section 4)."""
-    meta0 = dicts[0].get("shard_metadata")
-    if not isinstance(meta0, dict) or "param_metadata" not in meta0:
-        raise CheckpointError(files[0], "has flattened parameters but no shard_metadata",
-                              "this file cannot be un-flattened; use the original FSDP shards")
+    metas = [_param_metadata(f, d) for f, d in zip(files, dicts)]
     out: dict = {}
-    for i, entry in enumerate(meta0["param_metadata"]):
+    for i, entry in enumerate(metas[0]):
         path = entry.get("fsdp_path", "")
         for flat_name, info in entry["params"].items():
             key = f"{path}.{flat_name}" if path else flat_name
             pieces = []
-            for f, d in zip(files, dicts):
+            for f, d, meta in zip(files, dicts, metas):
                 flat = d["model"].get(key)
                 if not isinstance(flat, LazyTensor):
                     raise CheckpointError(f, f"lacks the flat parameter {key}",
                                           "the shard is incomplete: copy it again")
-                pad = int(d["shard_metadata"]["param_metadata"][i]["params"][flat_name]["padding"])
+                if i >= len(meta) or flat_name not in meta[i]["params"]:
+                    raise CheckpointError(f, f"has shard_metadata that does not match shard "
+                                          f"0's (no entry {i} for {key})", "use the original "
+                                          "FSDP shards of one checkpoint")
+                pad = meta[i]["params"][flat_name]["padding"]
+                if pad > flat.numel:
+                    raise CheckpointError(f, f"says {key} has {pad} padding elements but it "
+                                          f"holds {flat.numel}", "use the original FSDP shards")
                 pieces.append((flat, flat.numel - pad))
             start = 0
             for name, shape, numel in zip(info["names"], info["shapes"], info["numels"]):
                 full = f"{path}.{name}" if path else name
                 out[_strip(full)] = FlatSlice(tuple(pieces), start, tuple(shape), pieces[0][0].dtype)
-                start += int(numel)
+                start += numel
             if start > sum(v for _, v in pieces):
                 raise CheckpointError(files[0], f"flat parameter {key} is shorter than its "
                                       "metadata says", "a shard is truncated: copy it again")
-    for name in meta0.get("buffer_names", []):
+    for name in dicts[0]["shard_metadata"].get("buffer_names", []):
         if isinstance(dicts[0]["model"].get(name), LazyTensor):
             out[_strip(name)] = dicts[0]["model"][name]
     return out

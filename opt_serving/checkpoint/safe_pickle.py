@@ -1,24 +1,38 @@
 """Read ``torch.save`` files without executing pickled code, and without reading the weights.
 
-Checkpoints come from the internet and are pickles. We unpickle with our own allow-list:
-tensors, containers, ``argparse.Namespace``; ``metaseq`` / ``fairseq`` / ``omegaconf`` /
-``numpy`` objects become inert ``Placeholder`` instances that only record their arguments; any
-other global (``os.system``, ``builtins.eval``, ...) is refused before anything is called.
+Threat model. A checkpoint is a pickle from the internet. Whatever its bytes, loading it may
+only (a) build plain data: containers, numbers, strings, ``argparse.Namespace``,
+``OrderedDict``, torch dtypes; (b) record objects of metaseq / fairseq / omegaconf / numpy as
+inert ``Placeholder``s that hold their arguments and never run; (c) describe tensors as
+``LazyTensor`` records of bytes inside this file. It may not make us:
 
-Tensors come back as ``LazyTensor`` records (file, byte offset, dtype, shape): nothing is read
-until ``read()`` (a fresh buffer, for streaming) or ``mmap()`` (zero-copy, for serving).
-Both formats are handled: the zip format of torch >= 1.6 and the legacy sequential format.
+- call or import anything else: ``find_class`` answers from fixed tables and never imports or
+  touches a module attribute by a name from the file (``_resolve``);
+- patch a class or one of our records: BUILD / SETSTATE is allowed only on the Placeholder,
+  Namespace and OrderedDict instances this unpickler made, with a dict of plain names
+  (``_build``); NEWOBJ / OBJ / INST only make those (``_new``);
+- read bytes outside a tensor's own storage, or a storage outside the file: every record is
+  checked against its storage (``lazy_tensor.check_extent``) and every storage against its
+  zip record and the file size (``_zip_records``, ``_persistent_load``);
+- use unbounded memory or time: the pickle is capped at MAX_PICKLE_BYTES after inflation,
+  at MAX_OPS opcodes and MAX_OBJECTS instances; builtins that size their output from an
+  argument (bytearray, set, range, torch.Size) are capped (``_bounded``); the memo is a dict
+  (the C unpickler would allocate up to a 2**31-entry array for one LONG_BINPUT);
+- hand callers a structure they cannot walk: after loading, ``_check_tree`` walks the result
+  iteratively and refuses nesting deeper than MAX_DEPTH, cycles, more than MAX_VISITS nodes,
+  bare classes or functions, and placeholders or tensors used as dict keys or set members.
+
+Every refusal is a ``CheckpointError`` naming the file; nothing from the file ever runs.
+Both formats are read: the zip format of torch >= 1.6 and the legacy sequential one.
 """
 
 from __future__ import annotations
 
 import argparse
-import builtins
 import collections
 import dataclasses
 import io
 import math
-import mmap
 import os
 import pickle
 import struct
@@ -29,18 +43,31 @@ from pathlib import Path
 import torch
 
 from .errors import CheckpointError
+from .lazy_tensor import (MAX_DIMS, STORAGE_DTYPES, STORAGE_NAMES, LazyTensor, check_extent,
+                          itemsize)
 
-_STORAGE_DTYPES = {
-    "HalfStorage": torch.float16, "BFloat16Storage": torch.bfloat16,
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64, "IntStorage": torch.int32, "ShortStorage": torch.int16,
-    "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-STORAGE_NAMES = {v: k for k, v in _STORAGE_DTYPES.items()}
+__all__ = ["LazyTensor", "Placeholder", "STORAGE_NAMES", "load", "tensors"]
+
+MAX_PICKLE_BYTES = 64 << 20  # a BB3-175B data.pkl is ~200 KB
+MAX_OPS = 4_000_000
+MAX_OBJECTS = 200_000  # placeholders, namespaces, OrderedDicts (one per tensor's hooks)
+MAX_ITEMS = 1_000_000  # elements one allowed builtin may be asked to build
+MAX_BYTEARRAY = 16 << 20
+MAX_DEPTH = 100
+MAX_VISITS = 4_000_000
+
 # Objects of these packages are data containers in real checkpoints (training state,
 # tokenization caches, configs): kept as inert records, never instantiated.
 _INERT_PACKAGES = ("metaseq", "fairseq", "omegaconf", "numpy", "typing")
-_SAFE_BUILTINS = {"set", "frozenset", "slice", "complex", "bytearray", "range"}
+# torch dtypes by name, from what is already in torch's namespace: a lookup by a name from the
+# file must not trigger torch's lazy submodule imports (``torch._inductor``: 110 modules).
+_TORCH_DTYPES = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
+_SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype)
+
+
+def _refuse(path: str, problem: str) -> CheckpointError:
+    return CheckpointError(path, problem, "use checkpoints from a trusted source; if this one "
+                           "is genuine, re-save it with plain tensors and dicts")
 
 
 class Placeholder:
@@ -72,154 +99,310 @@ class _StorageRef:
     file_offset: int  # absolute byte offset of the storage's first byte in the file
 
 
-@dataclass(frozen=True)
-class LazyTensor:
-    """A tensor stored in ``path``; ``read()`` / ``mmap()`` materialise it."""
-
-    path: str
-    file_offset: int  # byte offset of element 0 of this tensor's storage
-    storage_numel: int
-    dtype: torch.dtype
-    storage_offset: int
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def itemsize(self) -> int:
-        return torch.empty((), dtype=self.dtype).element_size()
-
-    @property
-    def nbytes(self) -> int:
-        return self.numel * self.itemsize
-
-    def _contiguous(self) -> bool:
-        expect, acc = [], 1
-        for s in reversed(self.shape):
-            expect.append(acc)
-            acc *= s
-        return all(sz == 1 or st == e for sz, st, e in zip(self.shape, self.stride, reversed(expect)))
-
-    def _span(self) -> tuple[int, int]:
-        """(first element, element count) of the storage range this tensor touches."""
-        if self.numel == 0:
-            return self.storage_offset, 0
-        last = self.storage_offset + sum((s - 1) * st for s, st in zip(self.shape, self.stride))
-        return self.storage_offset, last - self.storage_offset + 1
-
-    def read(self, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Copy the tensor (or rows [a, b) of dim 0) into fresh memory with one pread."""
-        first, count = self._span()
-        shape = self.shape
-        if rows is not None:
-            if not self._contiguous():
-                return self.read()[rows[0]:rows[1]].clone()
-            a, b = rows
-            per_row = math.prod(self.shape[1:])
-            first, count, shape = first + a * per_row, (b - a) * per_row, (b - a, *self.shape[1:])
-        # torch.empty, not bytearray: the buffer is not zero-filled first (a full extra pass
-        # over memory), and large ones come from torch's allocator.
-        raw = torch.empty(count * self.itemsize, dtype=torch.uint8)
-        view, done = memoryview(raw.numpy()), 0
-        with open(self.path, "rb") as f:
-            while done < len(view):  # one read returns at most ~2 GiB on Linux
-                got = os.preadv(f.fileno(), [view[done:]],
-                                self.file_offset + first * self.itemsize + done)
-                if got <= 0:
-                    raise CheckpointError(self.path, "is truncated: a tensor's bytes end past "
-                                          "the end of the file", "download or copy the file "
-                                          "again")
-                done += got
-        flat = raw.view(self.dtype)
-        if rows is not None or self._contiguous():
-            return flat.view(shape)
-        return flat.as_strided(self.shape, self.stride, 0)
-
-    def mmap(self) -> torch.Tensor:
-        """A zero-copy, copy-on-write view of the file (pages load on first touch)."""
-        first, count = self._span()
-        if count == 0:
-            return torch.empty(self.shape, dtype=self.dtype)
-        start = self.file_offset + first * self.itemsize
-        page = start - start % mmap.ALLOCATIONGRANULARITY
-        length = start - page + count * self.itemsize
-        with open(self.path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), length, access=mmap.ACCESS_COPY, offset=page)
-        flat = torch.frombuffer(mm, dtype=torch.uint8, offset=start - page,
-                                count=count * self.itemsize).view(self.dtype)
-        return flat.as_strided(self.shape, self.stride, 0)
+def _is_scalar_key(obj) -> bool:
+    """What may be a dict key or a set member: plain scalars and tuples of them."""
+    if isinstance(obj, tuple):
+        return all(_is_scalar_key(v) for v in obj)
+    return isinstance(obj, _SCALARS)
 
 
-class _SafeUnpickler(pickle.Unpickler):
-    def __init__(self, file, path: str, storage_offset):
+class _SafeUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler with an allow-list, bounded work and a guarded BUILD."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def __init__(self, file, path: str, records: dict[str, tuple[int, int]] | None):
         super().__init__(file)
         self.path = path
-        self.storage_offset = storage_offset  # key -> absolute file offset
+        self.records = records  # storage key -> (file offset, bytes); None: legacy stand-ins
         self.placeholders: dict[tuple[str, str], type] = {}
+        self.ops = self.objects = 0
+        self._made: set[int] = set()  # ids of the instances made here (BUILD may touch these)
+        self._keep: list = []  # keeps those ids unique while loading
+        self.legacy_refs: dict[str, _StorageRef] = {}
+
+    # -- bounded work ----------------------------------------------------------------------
+
+    def load(self):
+        try:
+            return super().load()
+        except RecursionError:
+            raise _refuse(self.path, "is nested too deeply to unpickle") from None
+
+    def _count(self) -> None:
+        self.ops += 1
+        if self.ops > MAX_OPS:
+            raise _refuse(self.path, f"has a pickle of more than {MAX_OPS} operations, far "
+                          "beyond any real checkpoint")
+
+    def _instance(self, obj):
+        self.objects += 1
+        if self.objects > MAX_OBJECTS:
+            raise _refuse(self.path, f"makes more than {MAX_OBJECTS} objects")
+        self._made.add(id(obj))
+        self._keep.append(obj)
+        return obj
+
+    # -- what names resolve to ---------------------------------------------------------------
 
     def find_class(self, module: str, name: str):
-        if module == "torch._utils" and name == "_rebuild_tensor_v2":
-            return self._rebuild_tensor
-        if module == "torch._utils" and name == "_rebuild_tensor":
-            return lambda storage, offset, size, stride: self._rebuild_tensor(
-                storage, offset, size, stride)
-        if module == "torch._utils" and name == "_rebuild_parameter":
-            return lambda data, requires_grad=False, hooks=None: data
-        if (module, name) == ("torch", "Size"):
-            return lambda dims=(): tuple(dims)
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _StorageType(_STORAGE_DTYPES[name])
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
+        found = self._resolve(module, name)
+        if found is None:
+            raise _refuse(self.path, f"contains a pickled reference to {module}.{name}, which "
+                          "is not a tensor or a plain container: loading it could run code, "
+                          "so it was refused (nothing was executed)")
+        return found
+
+    def _resolve(self, module: str, name: str):
+        """From fixed tables only: no import, no attribute lookup on a module."""
+        if module == "torch._utils":
+            return {"_rebuild_tensor_v2": self._rebuild_tensor,
+                    "_rebuild_tensor": self._rebuild_tensor,
+                    "_rebuild_parameter": _rebuild_parameter}.get(name)
+        if module == "torch":
+            if name == "Size":
+                return self._bounded(tuple, dims=True)
+            if name in STORAGE_DTYPES:
+                return _StorageType(STORAGE_DTYPES[name])
+            return _TORCH_DTYPES.get(name)
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if (module, name) == ("argparse", "Namespace"):
             return argparse.Namespace
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
+        if module in ("builtins", "__builtin__"):
+            kinds = {"set": set, "frozenset": frozenset, "bytearray": bytearray,
+                     "range": range, "slice": slice, "complex": complex}
+            return self._bounded(kinds[name]) if name in kinds else None
         if module.split(".")[0] in _INERT_PACKAGES:
             key = (module, name)
             if key not in self.placeholders:
                 self.placeholders[key] = type(name, (Placeholder,),
                                               {"_module": module, "_name": name})
             return self.placeholders[key]
-        raise CheckpointError(
-            self.path, f"contains a pickled reference to {module}.{name}, which is not a tensor "
-            "or a plain container: loading it could run code, so it was refused (nothing was "
-            "executed)", "use checkpoints from a trusted source; if this one is genuine, "
-            "re-save it with plain tensors and dicts")
+        return None
+
+    def _bounded(self, kind, dims: bool = False):
+        """``kind(*args)`` for an allowed builtin, refusing outputs sized by an argument."""
+        limit = MAX_DIMS if dims else MAX_ITEMS
+
+        def make(*args):
+            for a in args:
+                if isinstance(a, int) and not isinstance(a, bool):
+                    if kind is bytearray and not 0 <= a <= MAX_BYTEARRAY:
+                        raise _refuse(self.path, f"asks for a bytearray of {a} bytes")
+                    if kind is range and abs(a) > MAX_ITEMS:
+                        raise _refuse(self.path, f"asks for a range up to {a}")
+                elif isinstance(a, (list, tuple, set, frozenset, range, bytes, bytearray, str)):
+                    if len(a) > limit:
+                        raise _refuse(self.path, f"asks for a {kind.__name__} of {len(a)} "
+                                      f"items (at most {limit})")
+                    if kind in (set, frozenset) and not all(_is_scalar_key(v) for v in a):
+                        raise _refuse(self.path, f"puts an object into a {kind.__name__}")
+                elif not _is_scalar_key(a):
+                    raise _refuse(self.path, f"passes {type(a).__name__} to {kind.__name__}")
+            if dims:
+                return tuple(int(d) for d in (args[0] if args else ()))
+            return kind(*args)
+        make.__qualname__ = f"bounded {kind.__name__}"
+        return make
+
+    # -- opcodes that make or change objects -------------------------------------------------
+
+    def _new(self, cls, args, kwargs=None):
+        """NEWOBJ / NEWOBJ_EX / OBJ / INST: only placeholders and plain containers."""
+        kwargs = kwargs or {}
+        if isinstance(cls, type) and issubclass(cls, Placeholder) and \
+                cls in self.placeholders.values():
+            return self._instance(cls(*args, **kwargs))
+        if cls in (collections.OrderedDict, argparse.Namespace) and not args and not kwargs:
+            return self._instance(cls())
+        raise _refuse(self.path, f"asks to create an object of {_describe(cls)} directly")
+
+    def _load_newobj(self):
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args))
+
+    def _load_newobj_ex(self):
+        kwargs = self.stack.pop()
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        self.append(self._new(cls, args, kwargs))
+
+    def _instantiate(self, klass, args):
+        self.append(self._new(klass, tuple(args)))
+
+    def _load_reduce(self):
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if isinstance(func, type) and issubclass(func, Placeholder):
+            self.stack[-1] = self._new(func, args)
+            return
+        if func is argparse.Namespace or func is collections.OrderedDict:
+            self.stack[-1] = self._new(func, args)
+            return
+        if not callable(func) or isinstance(func, type):
+            raise _refuse(self.path, f"asks to call {_describe(func)}")
+        self.stack[-1] = func(*args)
+
+    def _build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if id(inst) not in self._made or isinstance(inst, type):
+            raise _refuse(self.path, f"asks to set the state of {_describe(inst)} (only the "
+                          "inert records this reader made may get state)")
+        if isinstance(inst, Placeholder):
+            inst.__setstate__(state)
+            return
+        if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+            state = state[0]
+        if state is None:
+            return
+        if not isinstance(state, dict) or not all(
+                isinstance(k, str) and not k.startswith("__") for k in state):
+            raise _refuse(self.path, f"gives {type(inst).__name__} a state that is not a dict "
+                          "of plain attribute names")
+        inst.__dict__.update(state)
+
+    def _load_long_binput(self):
+        i, = struct.unpack("<I", self.read(4))
+        if i > MAX_OPS:  # memo indices count up from 0, one per object at most
+            raise _refuse(self.path, f"has a pickle memo index of {i}")
+        self.memo[i] = self.stack[-1]
+
+    def _wrap(op):
+        def counted(self):
+            self._count()
+            op(self)
+        return counted
+
+    for _code, _op in list(dispatch.items()):
+        dispatch[_code] = _wrap(_op)
+    dispatch[pickle.NEWOBJ[0]] = _wrap(_load_newobj)
+    dispatch[pickle.NEWOBJ_EX[0]] = _wrap(_load_newobj_ex)
+    dispatch[pickle.REDUCE[0]] = _wrap(_load_reduce)
+    dispatch[pickle.BUILD[0]] = _wrap(_build)
+    dispatch[pickle.LONG_BINPUT[0]] = _wrap(_load_long_binput)
+    del _code, _op, _wrap
+
+    # -- tensors -------------------------------------------------------------------------------
 
     def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage"):
-            raise CheckpointError(self.path, f"has an unknown persistent id {pid!r}",
+        if not (isinstance(pid, tuple) and len(pid) >= 5 and pid[0] == "storage"):
+            raise CheckpointError(self.path, f"has an unknown persistent id {str(pid)[:80]}",
                                   "this is not a torch checkpoint this tool can read")
         _, stype, key, _location, numel, *view = pid
         if view and view[0] is not None:
             raise CheckpointError(self.path, "uses legacy storage views",
                                   "re-save it with torch >= 1.6 (zip format)")
-        if not isinstance(stype, _StorageType):
-            stype = _StorageType(torch.uint8)
+        dtype = stype.dtype if isinstance(stype, _StorageType) else torch.uint8
+        if not isinstance(numel, int) or isinstance(numel, bool) or numel < 0:
+            raise CheckpointError(self.path, f"has a storage of {numel!r} elements",
+                                  "the file is corrupt: download it again")
         key = str(key)
-        if key not in self.storage_offset:
+        if self.records is None:  # legacy: offsets are patched in once the data is found
+            stand_in = -(len(self.legacy_refs) + 1)
+            ref = self.legacy_refs.setdefault(key, _StorageRef(key, dtype, numel, stand_in))
+            if (ref.dtype, ref.numel) != (dtype, numel):
+                raise CheckpointError(self.path, f"describes storage {key} in two ways",
+                                      "the file is corrupt: download it again")
+            return ref
+        if key not in self.records:
             raise CheckpointError(self.path, f"references tensor data {key!r} that is missing",
                                   "the file is truncated or corrupt: download it again")
-        return _StorageRef(key, stype.dtype, int(numel), self.storage_offset[key])
+        offset, nbytes = self.records[key]
+        if numel * itemsize(dtype) != nbytes:
+            raise CheckpointError(self.path, f"says storage {key} holds {numel} {dtype} "
+                                  f"elements but its record has {nbytes} bytes",
+                                  "the file is corrupt: download it again")
+        return _StorageRef(key, dtype, numel, offset)
 
     def _rebuild_tensor(self, storage, offset, size, stride, *_ignored):
         if not isinstance(storage, _StorageRef):
             raise CheckpointError(self.path, "has a tensor without storage", "file is corrupt")
-        dtype = storage.dtype
-        # Untyped (uint8) storages carry the dtype on the tensor in newer formats; rare here.
-        return LazyTensor(self.path, storage.file_offset, storage.numel, dtype, int(offset),
-                          tuple(int(s) for s in size), tuple(int(s) for s in stride))
+        size = tuple(size) if isinstance(size, (tuple, list)) else size
+        stride = tuple(stride) if isinstance(stride, (tuple, list)) else stride
+        wrong = check_extent(offset, size, stride, storage.numel)
+        if wrong:
+            raise CheckpointError(self.path, f"has a tensor record with {wrong}",
+                                  "the file is corrupt or crafted: use the original file")
+        return LazyTensor(self.path, storage.file_offset, storage.numel, storage.dtype,
+                          offset, size, stride)
 
 
-def _zip_offsets(path: str, zf: zipfile.ZipFile, prefix: str) -> dict[str, int]:
-    """Storage key -> absolute offset of its bytes (records are stored, uncompressed)."""
-    offsets = {}
+def _rebuild_parameter(data, requires_grad=False, hooks=None):
+    return data
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, type) and issubclass(obj, Placeholder):
+        return f"the class {obj._module}.{obj._name}"
+    if isinstance(obj, type):
+        return f"the class {obj.__module__}.{obj.__qualname__}"
+    return f"a {type(obj).__name__}"
+
+
+# -- after loading: a structure callers can walk --------------------------------------------
+
+def _children(obj):
+    """(child, as_key) pairs of an allowed object; as_key: used as a dict key or set member."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield k, True
+            yield v, False
+    elif isinstance(obj, (set, frozenset)):
+        for v in obj:
+            yield v, True
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield v, False
+    elif isinstance(obj, Placeholder):
+        yield obj.args, False
+        yield obj.kwargs, False
+        yield obj.state, False
+    if isinstance(obj, (argparse.Namespace, collections.OrderedDict)):
+        yield vars(obj), False
+
+
+def _check_tree(path: str, root) -> None:
+    """Iterative, so a deep structure cannot exhaust the stack here; see the threat model."""
+    todo = [(root, 0, False)]
+    on_path: list[int] = []  # ids of the containers from the root to the current one
+    visits = 0
+    while todo:
+        obj, depth, as_key = todo.pop()
+        if obj is _EXIT:
+            on_path.pop()
+            continue
+        visits += 1
+        if visits > MAX_VISITS:
+            raise _refuse(path, f"holds a structure of more than {MAX_VISITS} nodes (shared "
+                          "or repeated containers)")
+        if depth > MAX_DEPTH:
+            raise _refuse(path, f"nests containers more than {MAX_DEPTH} deep (or a container "
+                          "holds itself)")
+        if as_key and not _is_scalar_key(obj):
+            raise _refuse(path, f"uses {_describe(obj)} as a dict key or set member")
+        if isinstance(obj, (type, _StorageType, _StorageRef)) or callable(obj):
+            raise _refuse(path, f"holds {_describe(obj)} itself where data belongs")
+        if isinstance(obj, _SCALARS + (bytearray, slice, range, LazyTensor)):
+            continue
+        if id(obj) in on_path:
+            raise _refuse(path, "holds a container that contains itself")
+        on_path.append(id(obj))
+        todo.append((_EXIT, depth, False))
+        todo.extend((child, depth + 1, key) for child, key in _children(obj))
+
+
+_EXIT = object()  # marks leaving a container in _check_tree
+
+
+# -- files --------------------------------------------------------------------------------------
+
+def _zip_records(path: str, zf: zipfile.ZipFile, prefix: str) -> dict[str, tuple[int, int]]:
+    """Storage key -> (absolute offset, size) of its bytes (records are stored, uncompressed)."""
+    records = {}
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         for info in zf.infolist():
             if not info.filename.startswith(prefix + "data/"):
@@ -233,8 +416,23 @@ def _zip_offsets(path: str, zf: zipfile.ZipFile, prefix: str) -> dict[str, int]:
                 raise CheckpointError(path, "is corrupt (bad zip record header)",
                                       "download or copy the file again")
             name_len, extra_len = struct.unpack("<HH", header[26:30])
-            offsets[info.filename[len(prefix) + 5:]] = info.header_offset + 30 + name_len + extra_len
-    return offsets
+            start = info.header_offset + 30 + name_len + extra_len
+            if start + info.file_size > size:
+                raise CheckpointError(path, f"is truncated: tensor data {info.filename} ends "
+                                      f"past the end of the file ({size} bytes)",
+                                      "download or copy the file again")
+            records[info.filename[len(prefix) + 5:]] = (start, info.file_size)
+    return records
+
+
+def _read_pickle(path: str, zf: zipfile.ZipFile, name: str) -> bytes:
+    """data.pkl, inflated at most to MAX_PICKLE_BYTES (a small zip may inflate to GiBs)."""
+    with zf.open(name) as f:
+        data = f.read(MAX_PICKLE_BYTES + 1)
+    if len(data) > MAX_PICKLE_BYTES:
+        raise _refuse(path, f"has a pickle (data.pkl) larger than {MAX_PICKLE_BYTES >> 20} MiB "
+                      "once inflated; real checkpoints hold well under 1 MiB")
+    return data
 
 
 def load(path: str | os.PathLike) -> object:
@@ -250,19 +448,24 @@ def load(path: str | os.PathLike) -> object:
                     raise CheckpointError(path, "is a zip file but not a torch checkpoint "
                                           "(no data.pkl)", "pass a metaseq checkpoint (.pt)")
                 prefix = pkl[0][: -len("data.pkl")]
-                offsets = _zip_offsets(path, zf, prefix)
-                data = zf.read(pkl[0])
-            obj = _SafeUnpickler(io.BytesIO(data), path, offsets).load()
+                records = _zip_records(path, zf, prefix)
+                data = _read_pickle(path, zf, pkl[0])
+            obj = _SafeUnpickler(io.BytesIO(data), path, records).load()
+            _check_tree(path, obj)
         else:
             obj = _load_legacy(path)
     except CheckpointError:
         raise
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, struct.error,
-            ValueError, TypeError, IndexError, KeyError, AttributeError) as e:
+    except RecursionError:
+        raise _refuse(path, "is nested too deeply to read") from None
+    except MemoryError:
+        raise _refuse(path, "needs more memory to unpickle than this machine has") from None
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, struct.error, OSError,
+            ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError,
+            NotImplementedError, zipfile.LargeZipFile) as e:
         raise CheckpointError(path, f"is not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{e})", "it may be truncated or corrupt, or not a checkpoint at "
-                              "all: download or copy it again") from None
-    _check_bounds(path, obj)
+                              f"{str(e)[:200]})", "it may be truncated or corrupt, or not a "
+                              "checkpoint at all: download or copy it again") from None
     return obj
 
 
@@ -270,7 +473,9 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
 
 def _load_legacy(path: str) -> object:
-    """torch's pre-1.6 format: magic, protocol, sys_info, the object, storage keys, raw data."""
+    """torch's pre-1.6 format: magic, protocol, sys_info, the object, storage keys, raw data
+    (each storage: its element count as int64, then its bytes)."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(4)
         f.seek(0)
@@ -286,31 +491,37 @@ def _load_legacy(path: str) -> object:
                                   "pass a metaseq checkpoint file (.pt)")
         _SafeUnpickler(f, path, {}).load()  # protocol version
         _SafeUnpickler(f, path, {}).load()  # sys_info
-        # The object names storages before their offsets are known: give each key a negative
-        # stand-in offset, walk the storage section, then patch the real offsets in.
-        stand_in = _StandIn()
-        unpickler = _SafeUnpickler(f, path, stand_in)
+        unpickler = _SafeUnpickler(f, path, None)
         obj = unpickler.load()
         keys = _SafeUnpickler(f, path, {}).load()
-        offsets: dict[int, int] = {}
-        itemsize = {t.file_offset: t.itemsize for _, t in tensors(obj)}
+        if not isinstance(keys, list) or len(keys) > MAX_OBJECTS:
+            raise CheckpointError(path, "(legacy format) has no valid list of storage keys",
+                                  "the file is truncated or corrupt: download it again")
+        offsets: dict[str, int] = {}
         for key in keys:
-            numel = struct.unpack("<q", f.read(8))[0]
-            sentinel = stand_in[str(key)]
-            offsets[sentinel] = f.tell()
-            f.seek(numel * itemsize.get(sentinel, 1), os.SEEK_CUR)
-    return _walk(obj, lambda t: dataclasses.replace(t, file_offset=offsets[t.file_offset]))
-
-
-class _StandIn(dict):
-    """Storage key -> a unique negative offset, made up on first use."""
-
-    def __contains__(self, key):
-        return True
-
-    def __missing__(self, key):
-        self[key] = -(len(self) + 1)
-        return self[key]
+            ref = unpickler.legacy_refs.get(str(key))
+            head = f.read(8)
+            if ref is None or len(head) < 8:
+                raise CheckpointError(path, f"(legacy format) has storage {key!r} without a "
+                                      "tensor, or ends before it", "the file is truncated or "
+                                      "corrupt: download it again")
+            numel = struct.unpack("<q", head)[0]
+            nbytes = numel * itemsize(ref.dtype)
+            if numel != ref.numel or f.tell() + nbytes > size:
+                raise CheckpointError(path, f"(legacy format) storage {key} holds {numel} "
+                                      f"elements where {ref.numel} were described, or ends "
+                                      "past the end of the file", "the file is truncated or "
+                                      "corrupt: download it again")
+            offsets[str(key)] = f.tell()
+            f.seek(nbytes, os.SEEK_CUR)
+    missing = set(unpickler.legacy_refs) - set(offsets)
+    if missing:
+        raise CheckpointError(path, f"(legacy format) lacks the data of storage "
+                              f"{sorted(missing)[0]}", "the file is truncated: download it again")
+    _check_tree(path, obj)
+    # Records carry their storage's stand-in offset (negative, unique per key) until now.
+    real = {ref.file_offset: offsets[key] for key, ref in unpickler.legacy_refs.items()}
+    return _walk(obj, lambda t: dataclasses.replace(t, file_offset=real[t.file_offset]))
 
 
 def _walk(obj, fn):
@@ -333,12 +544,3 @@ def tensors(obj, prefix: str = ""):
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
             yield from tensors(v, f"{prefix}.{i}" if prefix else str(i))
-
-
-def _check_bounds(path: str, obj) -> None:
-    size = Path(path).stat().st_size
-    for name, t in tensors(obj):
-        first, count = t._span()
-        if t.file_offset < 0 or t.file_offset + (first + count) * t.itemsize > size:
-            raise CheckpointError(path, f"is truncated: tensor {name} ends past the end of the "
-                                  f"file ({size} bytes)", "download or copy the file again")

@@ -50,15 +50,15 @@ def _json(body: dict, status: int = 200, headers: dict | None = None) -> Respons
 
 def _error_kind(status: int, code: str | None) -> str:
     return code or {400: "bad_request", 401: "unauthorized", 404: "not_found",
-                    405: "method_not_allowed", 429: "queue_full", 504: "timeout"}.get(
-                        status, "internal")
+                    405: "method_not_allowed", 413: "body_too_large", 429: "queue_full",
+                    431: "headers_too_large", 504: "timeout"}.get(status, "internal")
 
 
 def _read_body(limits: ServiceConstants) -> bytes:
     declared = request.content_length
     if declared is not None and declared > limits.max_body_bytes:
         raise RequestError(f"the request body is {declared} bytes; the limit is "
-                           f"{limits.max_body_bytes}", code="body_too_large")
+                           f"{limits.max_body_bytes}", code="body_too_large", status=413)
     return request.get_data(cache=False)
 
 
@@ -91,7 +91,7 @@ def create_app(service: Service) -> Flask:
 
     @app.errorhandler(RequestError)
     def _bad_request(e: RequestError):
-        return fail(400, e.body())
+        return fail(e.status, e.body())
 
     @app.errorhandler(QueueFull)
     def _queue_full(e: QueueFull):
@@ -114,6 +114,14 @@ def create_app(service: Service) -> Flask:
         log.exception("unhandled error on %s", request.path)
         return fail(500, error_body(f"internal error: {type(e).__name__}: {e}",
                                     type="server_error", code="internal"))
+
+    @app.after_request
+    def _count(response: Response) -> Response:
+        # Every answer, errors included; a stream counts here as it starts (200) and once
+        # more in opt_serve_streams_ended when it ends.
+        route = request.url_rule.rule if request.url_rule is not None else "unmatched"
+        metrics.http.labels(route, str(response.status_code)).inc()
+        return response
 
     # -- auth --------------------------------------------------------------------------------
 
@@ -156,8 +164,13 @@ def create_app(service: Service) -> Flask:
 
     def complete(api: str) -> Response:
         started = time.monotonic()
-        req = parse_body(_read_body(limits), limits)
-        handle = engine.submit(req, _tokenize(tok, req))
+        try:
+            req = parse_body(_read_body(limits), limits)
+            handle = engine.submit(req, _tokenize(tok, req))
+        except (RequestError, QueueFull, EngineError) as e:
+            status = getattr(e, "status", 429)
+            metrics.requests.labels(api, str(status)).inc()
+            raise
         headers = {}
         if handle.truncated_tokens:
             headers["X-Prompt-Truncated"] = str(handle.truncated_tokens)
@@ -167,8 +180,9 @@ def create_app(service: Service) -> Flask:
                                      "X-Accel-Buffering": "no"})
         try:
             results = handle.result()
-        except EngineError:
+        except EngineError as e:
             engine.cancel(handle)
+            metrics.requests.labels(api, str(e.status)).inc()
             raise
         choices = choices_for(tok, handle.request, results)
         name = req.model or service.model_name
@@ -222,12 +236,18 @@ def create_app(service: Service) -> Flask:
             yield SSE_DONE
             finished = True
             _observe(api, handle, started, 200)
+            metrics.streams.labels("completed").inc()
         except EngineError as e:
+            finished = True
             metrics.errors.labels(_error_kind(e.status, e.code)).inc()
+            metrics.streams.labels("cancelled" if e.status == 499 else "error").inc()
+            metrics.requests.labels(api, str(e.status)).inc()
             yield sse(e.body())
             yield SSE_DONE
         finally:
-            if not finished:
+            if not finished:  # the client went away (the generator was closed)
+                metrics.streams.labels("cancelled").inc()
+                metrics.requests.labels(api, "499").inc()
                 engine.cancel(handle)
 
     for path in ("/completions", "/v1/engines/<engine_name>/completions",

@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                    f"the slots after S seconds (default {DEFAULTS.request_timeout_s:g})")
     p.add_argument("--worker-timeout", type=float, metavar="S", help="a collective waiting "
                    f"longer means a dead rank (default {DEFAULTS.worker_timeout_s:g})")
+    p.add_argument("--read-timeout", type=float, metavar="S", help="a client must send each "
+                   "request's headers and body within S seconds of its first byte or it is "
+                   f"disconnected (default {DEFAULTS.client_read_timeout_s:g})")
     p.add_argument("--kv-tokens", type=int, metavar="N", help="KV-cache positions per rank")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="positions per sequence, "
                    f"prompt included (default {DEFAULTS.max_seq_len}); smaller rows give more "
@@ -104,6 +107,7 @@ def options_from_args(args: argparse.Namespace):
     overrides = {k: v for k, v in {
         "max_queued_requests": args.max_queued_requests,
         "request_timeout_s": args.request_timeout, "worker_timeout_s": args.worker_timeout,
+        "client_read_timeout_s": args.read_timeout,
         "max_seq_len": args.max_seq_len, "max_batch_tokens": args.max_batch_tokens,
         "max_batch_size": args.max_batch_size}.items() if v is not None}
     constants = dataclasses.replace(constants, **overrides)
@@ -135,6 +139,11 @@ def main(argv=None) -> int:
         return serve(options, log_level=args.log_level)
     except StartupError as e:
         print(f"opt-serve: {_paragraph(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (MemoryError, RecursionError) as e:  # while loading: never a traceback
+        what = "out of memory" if isinstance(e, MemoryError) else "input nested too deeply"
+        print(f"opt-serve: {what} while starting; check the checkpoint and the machine's "
+              "free memory", file=sys.stderr)
         return EXIT_BAD_INPUT
 
 

@@ -279,23 +279,29 @@ class Engine:
         drawing = [(s, lg) for s, lg in last if s.max_tokens > 0]
         sampled, scores, tops = {}, {}, {}
         if drawing:
-            seqs = [s for s, _ in drawing]
-            states = [s.payload for s in seqs]
-            logits = torch.stack([lg for _, lg in drawing])  # (N, V)
-            rp = RowParams.stack([st.params for st in states], device=logits.device)
-            tokens, lps = next_tokens(
-                logits, rp, generated=[s.generated for s in seqs],
-                sources=[st.source for st in states], stop_ids=[st.stop_ids for st in states],
-                generators=[st.generator for st in states])
-            chosen = gather_logprobs(lps, tokens).tolist()
-            k = max(st.top_k for st in states)
-            if k:
-                values, ids = top_logprobs(lps, k)
-                values, ids = values.tolist(), ids.tolist()
-            for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-                sampled[seq.id], scores[seq.id] = token, chosen[j]
-                if seq.payload.top_k:
-                    tops[seq.id] = list(zip(ids[j], values[j]))[:seq.payload.top_k]
+            rng = [s.payload.generator.get_state() for s, _ in drawing]
+            try:
+                drawn = self._draw(drawing)
+            except Exception:  # noqa: BLE001 - find the row that raised: each alone, from
+                drawn = {}     # the same RNG state, so the others draw what they would have
+                for (seq, lg), state in zip(drawing, rng):
+                    seq.payload.generator.set_state(state)
+                    try:
+                        drawn.update(self._draw([(seq, lg)]))
+                    except Exception as e:  # noqa: BLE001
+                        drawn[seq.id] = e
+            for seq, _ in drawing:
+                got = drawn[seq.id]
+                if isinstance(got, Exception):
+                    if seq.payload.handle.done:
+                        continue
+                    # Only this request fails; the rest of the batch goes on.
+                    log.error("request %s failed while sampling: %s", seq.payload.handle.id, got)
+                    self._drop(seq.payload.handle, EngineError(
+                        500, f"generation failed for this request: {got}",
+                        code="generation_failed"))
+                else:
+                    sampled[seq.id], scores[seq.id], tops[seq.id] = got
         self.scheduler.commit(plan, sampled)
         now = time.monotonic()
         for seq, _ in last:
@@ -309,7 +315,7 @@ class Engine:
                 st.handle.first_token_at = now
             eos = token == EOS_ID
             status = st.add(token, b"" if eos else self.tokenizer.token_bytes(token),
-                            scores[seq.id], tops.get(seq.id), eos)
+                            scores[seq.id], tops[seq.id], eos)
             self.stats.tokens_generated += 1
             if status.stop:
                 self._finish(seq, status)
@@ -318,6 +324,34 @@ class Engine:
                 delta = st.delta(seq.generated, upto, bisect.bisect_right(st.ends, upto), None)
                 if delta is not None:
                     st.handle.post(delta)
+
+    def _draw(self, drawing: list) -> dict:
+        """seq.id -> (token, its log-prob, top alternatives or None) for rows (seq, logits
+        (V,)); a row whose processed scores are NaN (no distribution to draw from) gets a
+        ValueError instead, so that it alone fails."""
+        seqs = [s for s, _ in drawing]
+        states = [s.payload for s in seqs]
+        logits = torch.stack([lg for _, lg in drawing])  # (N, V)
+        rp = RowParams.stack([st.params for st in states], device=logits.device)
+        tokens, lps = next_tokens(
+            logits, rp, generated=[s.generated for s in seqs],
+            sources=[st.source for st in states], stop_ids=[st.stop_ids for st in states],
+            generators=[st.generator for st in states])
+        broken = torch.isnan(lps).any(dim=-1).tolist()  # (N,)
+        chosen = gather_logprobs(lps, tokens).tolist()
+        k = max(st.top_k for st in states)
+        if k:
+            values, ids = top_logprobs(lps, k)
+            values, ids = values.tolist(), ids.tolist()
+        out = {}
+        for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+            if broken[j]:
+                out[seq.id] = ValueError("the model's scores for it are not finite numbers "
+                                         "(NaN or infinity)")
+                continue
+            top = list(zip(ids[j], values[j]))[:seq.payload.top_k] if seq.payload.top_k else None
+            out[seq.id] = (token, chosen[j], top)
+        return out
 
     def _finish(self, seq: Seq, status: StopStatus) -> None:
         st, handle = seq.payload, seq.payload.handle

@@ -47,6 +47,11 @@ class Metrics:
                                 ["api", "status"], registry=self.registry)
         self.errors = Counter("opt_serve_errors", "Errors answered, by kind", ["kind"],
                               registry=self.registry)
+        self.http = Counter("opt_serve_http_requests", "Every HTTP answer by route and status "
+                            "(requests refused before routing count as route 'unparsed')",
+                            ["route", "status"], registry=self.registry)
+        self.streams = Counter("opt_serve_streams_ended", "Streamed completions by how they "
+                               "ended", ["outcome"], registry=self.registry)
         self.registry.register(_EngineCollector(engine))
 
     def render(self) -> tuple[bytes, str]:

@@ -38,13 +38,12 @@ def error_body(message: str, *, type: str = "invalid_request_error", param: str 
 
 
 class RequestError(ValueError):
-    """A bad request: HTTP 400 with ``body()``."""
+    """A bad request: HTTP 400 (or ``status``) with ``body()``."""
 
-    status = 400
-
-    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None,
+                 status: int = 400):
         super().__init__(message)
-        self.message, self.param, self.code = message, param, code
+        self.message, self.param, self.code, self.status = message, param, code, status
 
     def body(self) -> dict:
         return error_body(self.message, param=self.param, code=self.code)
@@ -87,7 +86,7 @@ def _int(obj: Mapping, name: str, default: int | None, lo: int | None = None,
     if isinstance(v, float) and v.is_integer():
         v = int(v)
     if not isinstance(v, int) or isinstance(v, bool):
-        raise RequestError(f"{name} must be an integer, got {json.dumps(v)}", name)
+        raise RequestError(f"{name} must be an integer, got {json.dumps(v)[:80]}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
         raise RequestError(f"{name} must be {bounds}, got {v}", name)
@@ -99,8 +98,12 @@ def _float(obj: Mapping, name: str, default: float, lo: float | None = None,
     v = obj.get(name)
     if v is None:
         return default
-    if not _is_number(v) or not math.isfinite(v):
-        raise RequestError(f"{name} must be a finite number, got {json.dumps(v)}", name)
+    try:
+        finite = _is_number(v) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        finite = False
+    if not finite:
+        raise RequestError(f"{name} must be a finite number, got {json.dumps(v)[:40]}", name)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         bounds = (f"between {lo} and {hi}" if lo is not None and hi is not None
                   else f"at least {lo}" if lo is not None else f"at most {hi}")
@@ -113,14 +116,24 @@ def _bool(obj: Mapping, name: str) -> bool:
     if v is None:
         return False
     if not isinstance(v, bool):
-        raise RequestError(f"{name} must be true or false, got {json.dumps(v)}", name)
+        raise RequestError(f"{name} must be true or false, got {json.dumps(v)[:80]}", name)
     return v
 
 
 def _str(obj: Mapping, name: str) -> str | None:
     v = obj.get(name)
     if v is not None and not isinstance(v, str):
-        raise RequestError(f"{name} must be a string, got {json.dumps(v)}", name)
+        raise RequestError(f"{name} must be a string, got {json.dumps(v)[:80]}", name)
+    return v
+
+
+def _text(v: str, where: str, param: str) -> str:
+    """JSON may carry lone surrogates ("\\ud800"), which no tokenizer can encode."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{where} holds a lone UTF-16 surrogate at character {e.start}: "
+                           "send valid Unicode text", param) from None
     return v
 
 
@@ -151,7 +164,7 @@ def _prompts(obj: Mapping) -> tuple[Prompt, ...]:
     for i, p in enumerate(v):
         where = f"prompt[{i}]" if len(v) > 1 else "prompt"
         if isinstance(p, str):
-            prompts.append(p)
+            prompts.append(_text(p, where, "prompt"))
         elif isinstance(p, list):
             prompts.append(_ids(p, where))
         else:
@@ -175,7 +188,15 @@ def _stop(obj: Mapping, limits: ServiceConstants) -> tuple[str, ...]:
     if len(stops) > limits.max_stop_sequences:
         raise RequestError(f"stop has {len(stops)} sequences; at most "
                            f"{limits.max_stop_sequences} are allowed", "stop")
-    return tuple(stops)
+    return tuple(_text(s, "stop", "stop") for s in stops)
+
+
+# Bounds that keep every row's arithmetic finite in float32 (logits are within +-1e3; a penalty
+# is multiplied by a count of at most max_seq_len; 1 / MIN_TEMPERATURE stays far from 3e38).
+# Past them one request's inf or NaN would reach the shared batch.
+MAX_PENALTY = 1e4
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
+MAX_INT = 2**63 - 1  # what an int64 tensor (seeds, indices) holds
 
 
 def _penalty(obj: Mapping, ours: str, openai: str) -> float:
@@ -183,7 +204,21 @@ def _penalty(obj: Mapping, ours: str, openai: str) -> float:
     if obj.get(ours) is not None and obj.get(openai) is not None and obj[ours] != obj[openai]:
         raise RequestError(f"{ours} and {openai} are the same setting; give one", openai)
     name = ours if obj.get(ours) is not None else openai
-    return _float(obj, name, 0.0)
+    return _float(obj, name, 0.0, -MAX_PENALTY, MAX_PENALTY)
+
+
+def _top_k(obj: Mapping) -> int:
+    """0 = off; -1 (off, as OpenAI-style clients send) and values past the dictionary too."""
+    k = _int(obj, "top_k", 0, -1, MAX_INT)
+    return k if 0 < k <= DICT_SIZE else 0
+
+
+def _temperature(obj: Mapping) -> float:
+    t = _float(obj, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
+    if 0 < t < MIN_TEMPERATURE:
+        raise RequestError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
+                           f"{t}: smaller ones overflow the scaled logits", "temperature")
+    return t
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -208,19 +243,20 @@ def parse_request(obj: Any, limits: ServiceConstants = DEFAULTS) -> CompletionRe
         raise RequestError("best_of > n cannot be streamed: the best are known at the end",
                            "best_of")
     sampling = SamplingParams(
-        temperature=_float(obj, "temperature", 1.0, lo=0.0),
-        top_p=_float(obj, "top_p", 1.0, hi=1.0),
-        top_k=max(0, _int(obj, "top_k", 0, lo=-1)),
-        lambda_decay=_float(obj, "lambda_decay", -1.0, hi=1.0),
+        temperature=_temperature(obj),
+        top_p=_float(obj, "top_p", 1.0, -MAX_PENALTY, 1.0),
+        # top_k past the dictionary keeps every token, as top_k 0 does.
+        top_k=_top_k(obj),
+        lambda_decay=_float(obj, "lambda_decay", -1.0, -MAX_PENALTY, 1.0),
         omega_bound=_float(obj, "omega_bound", 0.3, 0.0, 1.0),
         alpha_presence=_penalty(obj, "alpha_presence", "presence_penalty"),
         alpha_frequency=_penalty(obj, "alpha_frequency", "frequency_penalty"),
-        alpha_presence_src=_float(obj, "alpha_presence_src", 0.0),
-        alpha_frequency_src=_float(obj, "alpha_frequency_src", 0.0),
-        alpha_src_penalty_end_idx=_int(obj, "alpha_src_penalty_end_idx", -1),
+        alpha_presence_src=_float(obj, "alpha_presence_src", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        alpha_frequency_src=_float(obj, "alpha_frequency_src", 0.0, -MAX_PENALTY, MAX_PENALTY),
+        alpha_src_penalty_end_idx=_int(obj, "alpha_src_penalty_end_idx", -1, -MAX_INT, MAX_INT),
         # ParlAI may ask min_tokens 1 with max_tokens 0 (scoring): max_tokens wins.
         min_tokens=min(_int(obj, "min_tokens", 0, 0), max_tokens),
-        seed=_int(obj, "seed", None))
+        seed=_int(obj, "seed", None, -MAX_INT, 2**64 - 1))
     return CompletionRequest(
         prompts=prompts, max_tokens=max_tokens, n=n, best_of=best_of,
         logprobs=_int(obj, "logprobs", None, 0, limits.max_logprobs),
@@ -237,7 +273,7 @@ def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> CompletionReq
     """From the raw HTTP body: size, UTF-8 and JSON are checked here too."""
     if len(raw) > limits.max_body_bytes:
         raise RequestError(f"the request body is {len(raw)} bytes; the limit is "
-                           f"{limits.max_body_bytes}", code="body_too_large")
+                           f"{limits.max_body_bytes}", code="body_too_large", status=413)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -248,6 +284,8 @@ def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> CompletionReq
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("the request body is nested too deeply") from None
+    except ValueError as e:  # e.g. an integer past Python's 4300-digit conversion limit
+        raise RequestError(f"the request body cannot be read: {e}") from None
     return parse_request(obj, limits)
 
 

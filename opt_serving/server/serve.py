@@ -24,7 +24,6 @@ import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-import waitress
 
 from constants import ServiceConstants
 from opt_serving import distributed
@@ -40,6 +39,7 @@ from opt_serving.tokenizer import AssetError, Tokenizer, locate_assets
 from .app import Service, create_app
 from .engine import Engine
 from .scheduler import Scheduler
+from .wsgi import create_server
 from .worker import Control, ModelRunner, worker_loop
 
 log = logging.getLogger("opt_serve")
@@ -304,9 +304,11 @@ def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> 
     name = opts.model_name or plan.cfg.name
     app = create_app(Service(engine=engine, tokenizer=tokenizer, limits=c, model_name=name,
                              api_key=opts.api_key, world_size=plan.world_size))
-    server = waitress.create_server(
-        app, host=opts.host, port=opts.port, threads=max(16, opts.threads), ident="opt-serve",
-        max_request_body_size=max(64 << 20, 4 * c.max_body_bytes))
+    metrics = app.extensions["opt_serve_metrics"]
+    server = create_server(
+        app, host=opts.host, port=opts.port, threads=max(16, opts.threads),
+        max_body_bytes=c.max_body_bytes, read_timeout_s=c.client_read_timeout_s,
+        on_error=lambda status: metrics.http.labels("unparsed", str(status)).inc())
     supervisor.engine = engine
     for rank, proc in enumerate(workers, start=1):
         log.info("worker rank %d pid %d", rank, proc.pid)
