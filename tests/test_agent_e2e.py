@@ -264,16 +264,27 @@ def test_three_turns_send_the_reference_prompts(tmp_path, opt_serve, search_serv
 def test_memory_dedup_persistence_and_cap(tmp_path, opt_serve, search_server, proxy):
     db = tmp_path / "m.sqlite"
     opt = proxy(opt_serve.url)
-    first, second = "I walk my corgi every morning.", "Did Max enjoy the beach?"
-    # What mgm makes of the first message (greedy, so the same in the run): seed one of its
-    # words as a known fact, which makes that memory a duplicate by ParlAI's containment rule.
-    payload = {"prompt": lines(f"Person 1: {first}", "Memory:"), "min_tokens": 1,
-               "max_tokens": 32, "best_of": 1, "top_p": -1.0, "stop": "\n",
-               "temperature": 1.0, "echo": False, "lambda_decay": -1, "omega_bound": 0.3}
-    mgm_first = clean(requests.post(opt_serve.url + "/completions", json=payload,
-                                    timeout=30).json()["choices"][0]["text"])
-    word = next(w for w in re.findall(r"[a-z0-9]+", mgm_first.lower().replace("'", ""))
-                if len(w) >= 4 and w.isalpha())
+    second = "Did Max enjoy the beach?"
+
+    def mgm(message: str) -> str:  # what mgm makes of a message (greedy: the same in the run)
+        payload = {"prompt": lines(f"Person 1: {message}", "Memory:"), "min_tokens": 1,
+                   "max_tokens": 32, "best_of": 1, "top_p": -1.0, "stop": "\n",
+                   "temperature": 1.0, "echo": False, "lambda_decay": -1, "omega_bound": 0.3}
+        return clean(requests.post(opt_serve.url + "/completions", json=payload,
+                                   timeout=30).json()["choices"][0]["text"])
+
+    # Seed one word of the first message's memory as a known fact, which makes that memory a
+    # duplicate by ParlAI's containment rule, but not the second's: the random model says
+    # much the same whatever it reads, so take a first message whose memory differs.
+    mgm_second_text = mgm(second).lower().replace("'", "")
+    for first in ("I walk my corgi every morning.", "Tell me about Paris.", "Opening hours?",
+                  "Sunny days are best."):
+        mgm_first = mgm(first)
+        word = next((w for w in re.findall(r"[a-z0-9]+", mgm_first.lower().replace("'", ""))
+                     if len(w) >= 4 and w.isalpha() and w not in mgm_second_text), None)
+        if word:
+            break
+    assert word, "the random model's memories of every candidate message are alike"
 
     chat(tmp_path, opt, [first, second], "--memory-db", str(db), "--user", "bob",
          "--persona", "I love dogs.", "--user-fact", f"{word}.", "--safety", "none",

@@ -1,5 +1,6 @@
 """BB3 prompt formats, decoding payloads and output cleaning against the reference (bb3-agent.md,
-completions-api.md), measured with metaseq's real GPT-2 BPE files from ../shared/assets."""
+completions-api.md), measured with a real byte-level BPE (the suite's own; metaseq's files for
+the estimate, which is tuned to GPT-2's vocabulary)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,12 @@ from hypothesis import strategies as st
 
 from agents import prompts as P
 from agents.tokens import bpe_tokenizer, estimate_tokenizer, estimate_tokens, load_tokenizer
-from paths import ASSETS
+from paths import ASSETS, real_assets
 
 
 
 @pytest.fixture(scope="module")
 def bpe():
-    if not (ASSETS / "gpt2-vocab.json").is_file():
-        pytest.fail(f"tokenizer assets not found in {ASSETS}: set OPT_SERVING_TEST_ASSETS "
-                    "or run `opt-assets fetch`")
     return bpe_tokenizer(ASSETS)
 
 
@@ -131,10 +129,17 @@ def test_token_limits_are_the_reference_ones():
     assert P.Budget(len, max_prompt_len=4096).limit(P.MKM) == 1412
 
 
-def test_bpe_counts_metaseq_tokens(bpe):
+def test_bpe_counts_metaseq_tokens():
     # "Person 1: Hi!\nSearch Decision:" is 9 BPE tokens; "\n" is metaseq id 50118.
+    bpe = bpe_tokenizer(real_assets())
     assert bpe.count("Person 1: Hi!\nSearch Decision:") == 9
     assert bpe.count("Hello world") == 2
+
+
+def test_metaseqs_files_are_the_published_ones():
+    from assets import check
+
+    assert check(real_assets()) == []  # both md5s
 
 
 def test_src_penalty_ends_just_before_the_knowledge_line(bpe, budget):
@@ -212,7 +217,8 @@ def test_decisions_parse_the_module_words():
     assert P.wants_memory("access memory") and not P.wants_memory("do not access memory")
 
 
-def test_estimate_stays_close_to_bpe(bpe):
+def test_estimate_stays_close_to_bpe():
+    bpe = bpe_tokenizer(real_assets())
     text = "\n".join(HISTORY) + ("\nExternal Knowledge: The 2022 FIFA World Cup | The final "
                                  "was played at Lusail Stadium on 18 December 2022.")
     real, guess = bpe.count(text), estimate_tokens(text)

@@ -265,4 +265,5 @@ def test_build_choice_without_echo(tok):
                      generated_logprobs=[-0.1] * len(generated), prompt_top=None,
                      generated_top=None, finish_reason="length", prompt_index=0)
     assert (c.text, c.tokens) == (" Paris.", tuple(tok.decode_token(i) for i in generated))
-    assert c.text_offset == (0, len(" Paris")) and c.top_logprobs is None
+    assert c.text_offset == tuple(len(tok.decode(generated[:i])) for i in range(len(generated)))
+    assert c.top_logprobs is None

@@ -1,4 +1,6 @@
-"""The tokenizer against HF tokenizers on metaseq's real asset files (from ../shared/assets)."""
+"""The tokenizer against HF tokenizers: each property on the suite's own BPE and on metaseq's
+real files (skipped, with the way to enable it, when they are not found); the ids particular to
+metaseq's vocabulary on the real files only."""
 
 import json
 import random
@@ -9,27 +11,45 @@ from tokenizers import ByteLevelBPETokenizer
 
 from opt_serving import tokenizer as tk
 from opt_serving.tokenizer import AssetError, Tokenizer, char_offsets, check_vocab, locate_assets
-from paths import ASSETS
+from paths import ASSETS, real_assets
 
 TEXTS = ["Person 1: Hi!\nSearch Decision:", " café 😀 naïve — 日本語",
          "Question: why?\n\nAnswer:", "</s> literal", "a\tb  c   d"]
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return Tokenizer(locate_assets(assets_dir=ASSETS))
+@pytest.fixture(scope="module", params=["suite", "metaseq"])
+def folder(request):
+    return ASSETS if request.param == "suite" else real_assets()
 
 
 @pytest.fixture(scope="module")
-def hf():
-    return ByteLevelBPETokenizer(str(ASSETS / tk.VOCAB_FILE), str(ASSETS / tk.MERGES_FILE))
+def tok(folder):
+    return Tokenizer(locate_assets(assets_dir=folder))
 
 
-def test_encode_is_metaseqs_hf_bpe_without_specials(tok, hf):
+@pytest.fixture(scope="module")
+def hf(folder):
+    return ByteLevelBPETokenizer(str(folder / tk.VOCAB_FILE), str(folder / tk.MERGES_FILE))
+
+
+@pytest.fixture(scope="module")
+def metaseq():
+    return Tokenizer(locate_assets(assets_dir=real_assets()))
+
+
+def test_encode_is_hf_bpe_without_specials(tok, hf):
     for text in TEXTS:
         assert tok.encode(text) == hf.encode(text).ids
-    assert tok.encode("Hello world") == [31414, 232]  # no <s> or </s> added
     assert tok.encode_batch(TEXTS) == [tok.encode(t) for t in TEXTS]
+
+
+def test_metaseq_ids(metaseq):
+    assert metaseq.encode("Hello world") == [31414, 232]  # no <s> or </s> added
+    assert metaseq.decode_token(7471) == "\ufffd"  # the tail of a split emoji, as metaseq shows it
+    # "\n" and "\n\n" are one token each (though "\n\n" after text encodes as two "\n":
+    # why stops match text); "Question:" is two, so min_tokens cannot block it by id.
+    assert metaseq.single_token_ids(["\n", "\n\n", "Question:"]) == (50118, 50140)
+    assert metaseq.encode("Hi!\n\nQ")[2:4] == [50118, 50118]
 
 
 def test_carriage_returns_become_newlines(tok):
@@ -41,10 +61,11 @@ def test_decode_matches_hf_including_split_characters(tok, hf):
     for _ in range(50):
         ids = [rng.randrange(tok.vocab_size) for _ in range(rng.randrange(1, 12))]
         assert tok.decode(ids) == hf.decode(ids)
-    for i in [0, 1, 2, 3, 4, 50118, 17841, 7471] + rng.sample(range(tok.vocab_size), 200):
+    for i in [0, 1, 2, 3, 4, 50118] + rng.sample(range(tok.vocab_size), 200):
         assert tok.decode_token(i) == hf.decode([i]), i
     assert tok.decode_token(2) == "</s>"
-    assert tok.decode_token(7471) == "\ufffd"  # the tail of a split emoji, as metaseq shows it
+    split = [i for i in tok.encode("😀") if not _valid(tok.token_bytes(i))]
+    assert split and tok.decode_token(split[-1]) == "\ufffd"  # a split character's tail
 
 
 def test_bytes_round_trip(tok):
@@ -55,10 +76,8 @@ def test_bytes_round_trip(tok):
 
 
 def test_single_token_stop_ids(tok):
-    # "\n" and "\n\n" are one token each (though "\n\n" after text encodes as two "\n":
-    # why stops match text); "Question:" is two, so min_tokens cannot block it by id.
-    assert tok.single_token_ids(["\n", "\n\n", "Question:"]) == (50118, 50140)
-    assert tok.encode("Hi!\n\nQ")[2:4] == [50118, 50118]
+    assert tok.single_token_ids(["\n", "Question: why not?"]) == (50118,)
+    assert tok.single_token_ids(["."]) == (4,)
 
 
 def test_char_offsets_count_characters_not_bytes(tok):
