@@ -49,6 +49,10 @@ class AgentConfig:
     persona: tuple[str, ...] = ()  # seeds for the bot's own memories (Person 2)
     user_facts: tuple[str, ...] = ()  # seeds for the partner's memories (Person 1)
     max_memories: int = MAX_OFFERED_MEMORIES
+    # A shortcut ParlAI does not take: no memory-decision call while no memory is held.
+    skip_memory_decision_without_memories: bool = False
+    # ParlAI forgets its memories when a conversation ends ([DONE]); ours outlive it.
+    forget_on_done: bool = False
     safety: str = "all"
     classifier_threshold: float = DEFAULT_CLASSIFIER_THRESHOLD
     reply_classifier_threshold: float | None = None  # None: classifier_threshold
@@ -148,9 +152,9 @@ class Agent:
         self.memory = memory or MemoryStore(config.memory_db or default_memory_db(), config.user)
         self.safety = safety or SafetyChecker(config.safety, config.classifier_threshold,
                                               config.reply_classifier_threshold)
-        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir, config.opt_server)
         self.budget = P.Budget(self.tokenizer.count, config.max_prompt_len,
-                               self.tokenizer.floor)
+                               self.tokenizer.floor, self.tokenizer.encode)
         self.memory.seed(config.persona, person=2)
         self.memory.seed(config.user_facts, person=1)
         self._pool = ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bb3")
@@ -255,7 +259,10 @@ class Agent:
             return (futures[name].result().output or "") if name in futures else ""
 
         search_mode = cfg.search_decision if self.search is not None else "never"
-        memory_mode = cfg.memory_decision if offered else "never"
+        # ParlAI asks the memory decision every turn, memories or not; mkm needs some.
+        memory_mode = cfg.memory_decision
+        if not offered and (memory_mode == "always" or cfg.skip_memory_decision_without_memories):
+            memory_mode = "never"
         knowledge_mode = cfg.contextual_knowledge_decision
         if search_mode == "compute":
             submit("sdm", P.search_decision_prompt(history, budget))
@@ -278,7 +285,7 @@ class Agent:
             raise AgentError(f"no reply: {first.error}")
         if search_mode == "compute" and P.wants_search(output("sdm")):
             search_future = self._pool.submit(self._search_path, history)
-        if memory_mode == "compute" and P.wants_memory(output("mdm")):
+        if memory_mode == "compute" and P.wants_memory(output("mdm")) and offered:
             submit_mkm()
 
         search = search_future.result() if search_future else None
@@ -306,10 +313,12 @@ class Agent:
         calls["mgm_self"] = self._call(
             "mgm_self", P.memory_generation_prompt(response.output, self.budget))
 
-        # Commit: age the memories, then add this turn's (new ones start at 0 turns).
+        # Commit: age the memories, then add this turn's (new ones start at 0 turns), the
+        # bot's own first and then the partner's, as ParlAI's self_observe_memory does: the
+        # memory prompts list them in that order.
         self.memory.record_turn(used)
-        new = tuple(m for m in (format_memory(calls["mgm_user"].output, 1),
-                                format_memory(calls["mgm_self"].output, 2))
+        new = tuple(m for m in (format_memory(calls["mgm_self"].output, 2),
+                                format_memory(calls["mgm_user"].output, 1))
                     if self.memory.add(m))
         self._history = history + (P.bot_line(response.output),)
         return Reply(response.output, "ok", calls, search, knowledge, used, new,

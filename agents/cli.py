@@ -25,7 +25,8 @@ DEFAULT_RETRIES = 3
 
 _COMMANDS = """\
 in the chat:
-  [DONE]        end this conversation and start a new one (memories are kept)
+  [DONE]        end this conversation and start a new one (memories are kept unless
+                --forget-on-done)
   [EXIT]        quit
   Opening       as the first message: the bot opens from what it remembers about you
   /memories     list what the bot remembers about you and itself
@@ -86,13 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("search", "memory", "contextual-knowledge"):
         flag(f"--{name}-decision", choices=DECISIONS, default="compute",
              help="compute (the decision module chooses), always or never")
+    flag("--forget-on-done", action="store_true",
+         help="[DONE] also wipes this user's memories, as ParlAI's agent forgets them (by "
+              "default long-term memory outlives a conversation)")
+    flag("--skip-memory-decision-without-memories", action="store_true",
+         help="no memory-decision call while no memory is held (ParlAI asks it every turn)")
     flag("--knowledge-chunk-size", type=int, default=100, metavar="WORDS",
          help="words of each search document shown to the knowledge module")
     flag("--max-prompt-len", type=int, default=None, metavar="TOKENS",
          help="cap on every module's prompt length (default: the module limits)")
     flag("--tokenizer-dir", default=None, metavar="DIR",
-         help="folder with gpt2-vocab.json and gpt2-merges.txt for exact prompt lengths "
-              "(default: the toolkit's assets from `opt-assets fetch`, else an estimate)")
+         help="folder with gpt2-vocab.json and gpt2-merges.txt for exact prompt lengths and "
+              "token positions (default: the toolkit's assets from `opt-assets fetch`, else "
+              "the server's POST /tokenize, else an estimate)")
     group = p.add_argument_group("memory and safety")
     flag("--user", default="default", help="conversation partner: memories are per user")
     flag("--memory-db", default=None, metavar="PATH",
@@ -127,6 +134,8 @@ def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
         opt_server=args.opt_server, raw_search_server=args.raw_search_server,
         search_decision=args.search_decision, memory_decision=args.memory_decision,
+        skip_memory_decision_without_memories=args.skip_memory_decision_without_memories,
+        forget_on_done=args.forget_on_done,
         contextual_knowledge_decision=args.contextual_knowledge_decision,
         server_timeout_s=args.metaseq_server_timeout,
         max_retry_api=(args.metaseq_max_retry_api if args.metaseq_max_retry_api >= 0
@@ -179,7 +188,7 @@ def chat(agent: Agent, messages: Iterator[str], log: ConversationLog | None, *, 
         if message == "[EXIT]":
             break
         if message == "[DONE]":
-            agent.reset()
+            agent.reset(wipe_memory=agent.config.forget_on_done)
             if log:
                 log.new_conversation()
             print("CHAT DONE\n\n[ Preparing new chat ... ]\n", file=out)

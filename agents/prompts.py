@@ -8,7 +8,7 @@ tested against the reference without a model or a server.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agents.tokens import TokenCounter
@@ -38,16 +38,18 @@ KNOWLEDGE_PREFIX = {"previous_topic": "Previous Topic", "personal_fact": "Person
 class Decoding:
     """The decoding fields of one completions request (ParlAI's BB3 client sends all of them)."""
 
+    # The defaults are ParlAI's own literals, types included: its bodies carry 0 and -1 as
+    # JSON integers and -1.0 / 1.0 as floats, and ours are the same bytes.
     min_tokens: int
     max_tokens: int
     top_p: float = -1.0  # <= 0: greedy
-    lambda_decay: float = -1.0  # factual nucleus off
+    lambda_decay: float = -1  # factual nucleus off
     omega_bound: float = 0.3
     temperature: float = 1.0
-    alpha_presence: float = 0.0
-    alpha_frequency: float = 0.0
-    alpha_presence_src: float = 0.0
-    alpha_frequency_src: float = 0.0
+    alpha_presence: float = 0
+    alpha_frequency: float = 0
+    alpha_presence_src: float = 0
+    alpha_frequency_src: float = 0
 
     def payload(self, prompt: str, src_penalty_end_idx: int = -1) -> dict:
         return {
@@ -61,11 +63,11 @@ class Decoding:
         }
 
 
-def _greedy(max_tokens: int, penalty: float = 0.0) -> Decoding:
+def _greedy(max_tokens: int, penalty: float = 0) -> Decoding:
     return Decoding(1, max_tokens, alpha_presence=penalty, alpha_frequency=penalty)
 
 
-def _factual_nucleus(min_tokens: int, penalty: float = 0.0) -> Decoding:
+def _factual_nucleus(min_tokens: int, penalty: float = 0) -> Decoding:
     return Decoding(min_tokens, 128, top_p=0.9, lambda_decay=0.9, omega_bound=0.3,
                     alpha_presence=penalty, alpha_frequency=penalty,
                     alpha_presence_src=penalty, alpha_frequency_src=penalty)
@@ -99,6 +101,8 @@ class Budget:
     # For token positions the server acts on: a count never above the server's own (None:
     # count_tokens is the server's BPE, exact).
     count_floor: TokenCounter | None = None
+    # The server's token ids of a text (None when only an estimate is at hand).
+    encode: Callable[[str], "tuple[int, ...] | None"] | None = None
 
     def limit(self, module: str) -> int:
         limit = TOKEN_LIMIT[module]
@@ -206,16 +210,44 @@ def knowledge_lines(knowledge: dict[str, str | None]) -> list[str]:
             if knowledge.get(key)]
 
 
+# ParlAI answers with the search-dialogue agent whatever the knowledge ("combined"
+# conditioning), so the context penalty stops where that agent's own prefix starts.
+PENALTY_END_PREFIX = "Interesting Fact:"
+
+
+def parlai_end_idx(ids: Sequence[int], prefix: Sequence[int]) -> int:
+    """ParlAI's ``_get_alpha_src_penalty_end_idx`` (opt_api_agent.py), quirks included: the
+    start of the last occurrence of ``prefix`` in ``ids`` that ends at least ``len(prefix)``
+    tokens before the end, else -1."""
+    n = len(prefix)
+    for i in reversed(range(len(ids) - n)):
+        if i < n:
+            break
+        if list(ids[i - n:i]) == list(prefix):
+            return i - n
+    return -1
+
+
 def response_prompt(history: Sequence[str], knowledge: dict[str, str | None],
                     budget: Budget) -> Prompt:
     _, history, after = _fit(SRM, budget, (), history, knowledge_lines(knowledge))
     text = _render(SRM, (), history, after)
-    # The server counts the index in the prompt's BPE tokens without the leading </s>
-    # (opt_serving.sampling.source_tokens): the history's tokens are exactly the first ones,
-    # since BPE never merges across the "\n" that follows them.
-    count = budget.count_floor or budget.count_tokens
-    end_idx = count("\n".join(history)) if after else -1
-    return Prompt(SRM, text, end_idx)
+    return Prompt(SRM, text, _penalty_end(text, budget))
+
+
+def _penalty_end(text: str, budget: Budget) -> int:
+    """alpha_src_penalty_end_idx as ParlAI computes it, in the server's tokens of the prompt
+    (without the leading </s>: opt_serving.sampling.source_tokens)."""
+    ids = budget.encode(text) if budget.encode else None
+    prefix = budget.encode(PENALTY_END_PREFIX) if ids is not None else None
+    if ids is not None and prefix is not None:
+        return parlai_end_idx(ids, prefix)
+    # Only an estimate: the prefix starts a line, and BPE never merges across the "\n" before
+    # it, so the tokens before it are those of the text before it, counted from below.
+    start = text.rfind("\n" + PENALTY_END_PREFIX)
+    if start < 0:
+        return -1
+    return (budget.count_floor or budget.count_tokens)(text[:start + 1])
 
 
 def opening_prompt(partner_memories: Sequence[str], budget: Budget) -> Prompt:

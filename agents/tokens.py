@@ -1,11 +1,14 @@
-"""Counting GPT-2 tokens for the agent's prompt-length limits.
+"""GPT-2 tokens for the agent: prompt-length limits and the token positions it sends.
 
-BB3's per-module limits (1912, 1812, ...) are in GPT-2 BPE tokens, so the agent counts with the
-server's own tokenizer (`opt_serving.tokenizer`, metaseq's `gpt2-vocab.json` /
-`gpt2-merges.txt`): from `--tokenizer-dir`, else from the toolkit's assets folder that
-`opt-assets fetch` fills. Without those files the agent falls back to an estimate from GPT-2's
-pre-tokenisation, slightly generous so that prompts are cut a little early rather than too late
-(the server would then drop their oldest tokens, and with them the start of the first line).
+BB3's per-module limits (1912, 1812, ...) and ``alpha_src_penalty_end_idx`` are in GPT-2 BPE
+tokens, so the agent tokenizes as the server does (metaseq's `gpt2-vocab.json` /
+`gpt2-merges.txt`), in this order of preference:
+
+1. the files in `--tokenizer-dir`, else in the toolkit's assets folder (`opt-assets fetch`);
+2. the completions server's own tokenizer through `POST /tokenize` (opt-serve has it, as vLLM
+   and TGI do), each text asked once and cached;
+3. an estimate from GPT-2's pre-tokenisation, slightly generous so that prompts are cut a
+   little early rather than too late (the server would then drop their oldest tokens).
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agents.client import RetryPolicy, ServiceError, make_session, normalise_url, request_json
 from opt_serving.tokenizer import (MERGES_FILE, VOCAB_FILE, AssetError, AssetPaths,
                                    default_assets_dir)
 from opt_serving.tokenizer import Tokenizer as BPETokenizer
 
 TokenCounter = Callable[[str], int]
+Encoder = Callable[[str], "tuple[int, ...] | None"]  # None: could not be tokenized now
 _CACHE = 16384  # every module of every turn measures the same history lines again
 
 # GPT-2's pre-tokeniser, with \p{L} / \p{N} spelled in the stdlib `re` dialect.
@@ -54,6 +59,9 @@ class Tokenizer:
     # to the server (alpha_src_penalty_end_idx) are measured with it, so that an estimate
     # never reaches past the point it marks.
     floor: TokenCounter | None = None
+    # The server's token ids of a text (None for the estimate): positions ParlAI finds by
+    # searching token ids are found the same way.
+    encode: Encoder | None = None
 
 
 def estimate_tokenizer() -> Tokenizer:
@@ -71,16 +79,57 @@ def bpe_tokenizer(directory: str | os.PathLike) -> Tokenizer:
             raise FileNotFoundError(f"{path} not found (the tokenizer folder needs "
                                     f"{VOCAB_FILE} and {MERGES_FILE})")
     bpe = BPETokenizer(paths)
-    count = functools.lru_cache(maxsize=_CACHE)(lambda text: len(bpe.encode(text)))
-    return Tokenizer(count, str(folder))
+    return _from_encoder(lambda text: tuple(bpe.encode(text)), str(folder))
 
 
-def load_tokenizer(directory: str | os.PathLike | None = None) -> Tokenizer:
+def _from_encoder(encode: Encoder, source: str) -> Tokenizer:
+    encode = functools.lru_cache(maxsize=_CACHE)(encode)
+    return Tokenizer(functools.lru_cache(maxsize=_CACHE)(lambda text: len(encode(text))),
+                     source, encode=encode)
+
+
+def server_tokenizer(server: str, timeout_s: float = 10.0) -> Tokenizer:
+    """The completions server's tokenizer through ``POST {server}/tokenize``. Raises
+    ServiceError when the server does not have the route (metaseq's own server) or is down;
+    later failures fall back to the estimate for the text concerned."""
+    url = normalise_url(server).removesuffix("/completions") + "/tokenize"
+    session, policy = make_session(4), RetryPolicy(timeout_s=timeout_s, max_retries=0)
+
+    def ask(text: str) -> tuple[int, ...]:
+        body = request_json(session, "POST", url, policy, json={"prompt": text})
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            raise ServiceError(f"{url} answered without a list of token ids", url=url)
+        return tuple(tokens)
+
+    ask("Hello")  # does it answer at all?
+
+    @functools.lru_cache(maxsize=_CACHE)
+    def encode(text: str) -> tuple[int, ...] | None:
+        try:
+            return ask(text)
+        except ServiceError:
+            return None
+
+    def count(text: str) -> int:
+        ids = encode(text)
+        return estimate_tokens(text) if ids is None else len(ids)
+    return Tokenizer(count, f"the server's tokenizer ({url})", encode=encode)
+
+
+def load_tokenizer(directory: str | os.PathLike | None = None,
+                   server: str | None = None) -> Tokenizer:
     """The BPE from `directory` when given (errors are loud), else from the toolkit's assets
-    folder when it has the files, else the estimate."""
+    folder when it has the files, else the server's /tokenize, else the estimate."""
     if directory:
         return bpe_tokenizer(directory)
     try:
         return bpe_tokenizer(default_assets_dir())
     except (FileNotFoundError, AssetError):
-        return estimate_tokenizer()
+        pass
+    if server:
+        try:
+            return server_tokenizer(server)
+        except (ServiceError, ValueError):
+            pass
+    return estimate_tokenizer()

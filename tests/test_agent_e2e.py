@@ -53,6 +53,15 @@ def lines(*parts) -> str:
     return "\n".join(p for part in parts for p in ([part] if isinstance(part, str) else part))
 
 
+def fitted(limit: int, count, before, history, final: str) -> str:
+    """ParlAI's rule for a prompt over its module's limit (in BPE tokens): drop the oldest
+    history line, keeping the last, until it is under."""
+    history = list(history)
+    while count(lines(before, history, final)) >= limit and len(history) > 1:
+        history.pop(0)
+    return lines(before, history, final)
+
+
 def doc_line(doc: dict) -> str:
     return f"External Knowledge: {doc['title']} | {' '.join(doc['content'].split()[:100])}"
 
@@ -206,8 +215,9 @@ def test_three_turns_send_the_reference_prompts(tmp_path, opt_serve, search_serv
         # always / always: no decision calls, memory knowledge and the search path at once.
         assert "sdm" not in m and "mdm" not in m
         assert m["mgm_user"].prompt == lines(f"Person 1: {message}", "Memory:")
-        assert m["mkm"].prompt == lines(held, history, "Personal Fact:")
-        assert m["sgm"].prompt == lines(history, "Query:")
+        count = lambda text: len(bpe.encode(text))  # noqa: E731
+        assert m["mkm"].prompt == fitted(1412, count, held, history, "Personal Fact:")
+        assert m["sgm"].prompt == fitted(1912, count, (), history, "Query:")
         knowledge = {"Previous Topic": None, "Personal Fact": None, "Interesting Fact": None}
         if m["mkm"].output in held:
             knowledge["Personal Fact"] = m["mkm"].output
@@ -218,25 +228,26 @@ def test_three_turns_send_the_reference_prompts(tmp_path, opt_serve, search_serv
                 assert "skm" not in m
             else:
                 found.append(len(docs))
-                assert m["skm"].prompt == lines([doc_line(d) for d in docs[:5]], history,
-                                                "Interesting Fact:")
+                assert m["skm"].prompt == fitted(1412, count, [doc_line(d) for d in docs[:5]],
+                                                 history, "Interesting Fact:")
                 knowledge["Interesting Fact"] = m["skm"].output or None
         if not knowledge["Interesting Fact"] and not knowledge["Personal Fact"]:
-            assert m["ckm"].prompt == lines(history, "Previous Topic:")
+            assert m["ckm"].prompt == fitted(1812, count, (), history, "Previous Topic:")
             knowledge["Previous Topic"] = m["ckm"].output or None
         else:
             assert "ckm" not in m
         known = [f"{prefix}: {fact}" for prefix, fact in knowledge.items() if fact]
         response = m["response"]
-        assert response.prompt == lines(history, known, "Person 2:")
-        # The _src penalties count the prompt tokens before the knowledge lines, as opt-serve
-        # counts them: BPE tokens of the prompt, without the leading </s>.
+        assert response.prompt == fitted(1784, count, (), history, lines(known, "Person 2:"))
+        # The _src penalties stop where ParlAI's search-dialogue agent finds its prefix,
+        # "Interesting Fact:", in the prompt's BPE tokens (as opt-serve counts them, without
+        # the leading </s>); -1 without one.
         end = response.payload["alpha_src_penalty_end_idx"]
-        if known:
+        if knowledge["Interesting Fact"]:
             ids = bpe.encode(response.prompt)
-            assert end == len(bpe.encode("\n".join(history)))
-            assert ids[:end] == bpe.encode("\n".join(history))
-            assert bpe.decode(ids[end:end + 2]).startswith("\n" + known[0][:3])
+            before = response.prompt[:response.prompt.rindex("\nInteresting Fact:") + 1]
+            assert end == len(bpe.encode(before)) and ids[:end] == bpe.encode(before)
+            assert bpe.decode(ids[end:end + 2]) == "Interesting Fact"
         else:
             assert end == -1
         reply = response.output
@@ -457,3 +468,27 @@ def test_search_failures_take_the_contextual_path(tmp_path, opt_serve, proxy, sc
     assert m["ckm"].prompt == lines(f"Person 1: {message}", "Previous Topic:")
     topic = [f"Previous Topic: {m['ckm'].output}"] if m["ckm"].output else []
     assert m["response"].prompt == lines(f"Person 1: {message}", topic, "Person 2:")
+
+
+# -- token counts without local tokenizer files ------------------------------------------------
+
+def test_without_files_the_agent_tokenizes_on_the_server(opt_serve, proxy, scripted, bpe,
+                                                         monkeypatch, tmp_path):
+    from agents import prompts as P
+    from agents import tokens
+
+    monkeypatch.setattr(tokens, "default_assets_dir", lambda: tmp_path / "none")
+    opt = proxy(opt_serve.url)
+    tok = tokens.load_tokenizer(None, server=opt.url)
+    texts = ["Person 1: Hi! I just adopted a puppy.", "Interesting Fact:", " café 😀 — ok"]
+    for text in texts * 2:  # the second time from the cache
+        assert tok.encode(text) == tuple(bpe.encode(text)) and tok.count(text) == len(
+            bpe.encode(text))
+    assert [r.path for r in opt.requests] == ["/tokenize"] * (1 + len(texts))
+    budget = P.Budget(tok.count, encode=tok.encode)
+    knowledge = {"interesting_fact": "Corgis are herding dogs."}
+    idx = P.response_prompt(("Person 1: Hi!",), knowledge, budget).src_penalty_end_idx
+    assert idx == len(bpe.encode("Person 1: Hi!\n"))
+    # A server without the route (metaseq's own): the estimate, named as such.
+    metaseq = scripted(lambda r: (404, "text/html", "<h1>Not Found</h1>"))
+    assert tokens.load_tokenizer(None, server=metaseq.url).source.startswith("estimate")

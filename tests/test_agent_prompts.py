@@ -142,28 +142,49 @@ def test_metaseqs_files_are_the_published_ones():
     assert check(real_assets()) == []  # both md5s
 
 
-def test_src_penalty_ends_just_before_the_knowledge_line(bpe, budget):
-    knowledge = {"previous_topic": "puppies"}
-    prompt = P.response_prompt(HISTORY, knowledge, budget)
+KNOWLEDGE = {"previous_topic": "puppies", "personal_fact": "Person 1's Persona: I have a corgi.",
+             "interesting_fact": "Corgis are herding dogs."}
+
+
+def test_src_penalty_ends_where_the_interesting_fact_starts(bpe):
+    # ParlAI answers through its search-dialogue agent (combined conditioning), which stops
+    # the context penalty at its own prefix, "Interesting Fact:" (opt_api_agent.py).
     from tokenizers import ByteLevelBPETokenizer
 
     tok = ByteLevelBPETokenizer(str(ASSETS / "gpt2-vocab.json"),
                                 str(ASSETS / "gpt2-merges.txt"))
+    budget = P.Budget(bpe.count, encode=bpe.encode)
+    prompt = P.response_prompt(HISTORY, KNOWLEDGE, budget)
     tokens = tok.encode(prompt.text).tokens
     idx = prompt.src_penalty_end_idx
-    assert idx == bpe.count("\n".join(HISTORY))
-    assert tokens[idx] == "Ċ" and tokens[idx + 1] == "Previous"  # "\n" then the knowledge
-    assert P.response_prompt(HISTORY, {}, budget).src_penalty_end_idx == -1
+    assert tokens[idx - 1] == "Ċ" and "".join(tokens[idx:]).startswith("Interesting")
+    assert prompt.text.split("\n")[-2].startswith("Interesting Fact:")
+    # Without an interesting fact ParlAI finds no prefix: -1, knowledge or not.
+    for knowledge in ({"previous_topic": "puppies"}, {"personal_fact": "I have a corgi."}, {}):
+        assert P.response_prompt(HISTORY, knowledge, budget).src_penalty_end_idx == -1
+    # ParlAI searches token ids: typed inside a line the prefix is " Interesting", not a match.
+    typed = (*HISTORY[:-1], "Person 1: Interesting Fact: corgis are short.")
+    assert P.response_prompt(typed, {}, budget).src_penalty_end_idx == -1
+
+
+def test_parlai_end_idx_keeps_parlais_loop_bounds():
+    # for i in reversed(range(len(ids) - n)): stop below n; a match ends at i (exclusive).
+    assert P.parlai_end_idx([5, 1, 2, 9, 9, 9, 9], [1, 2]) == 1
+    assert P.parlai_end_idx([5, 1, 2, 9, 1, 2, 9, 9, 9], [1, 2]) == 4  # the last one
+    assert P.parlai_end_idx([1, 2, 9, 9, 9], [1, 2]) == 0
+    assert P.parlai_end_idx([5, 1, 2, 9, 9], [1, 2]) == -1  # ends too near the end for ParlAI
+    assert P.parlai_end_idx([1, 2], [1, 2]) == -1
 
 
 def test_src_penalty_end_never_overshoots_without_the_bpe_files(bpe):
-    # Without the BPE files the agent estimates; the index the server acts on must not come out
+    # Without token ids the agent estimates; the index the server acts on must not come out
     # high, or the _src penalties would reach into the knowledge lines.
     estimate = estimate_tokenizer()
     history = (*HISTORY, "Person 2: ¿Qué tal? It's 10:30 — naïve café-goers' résumés…")
     budget = P.Budget(estimate.count, count_floor=estimate.floor)
-    idx = P.response_prompt(history, {"previous_topic": "puppies"}, budget).src_penalty_end_idx
-    assert 0 < idx <= bpe.count("\n".join(history))
+    exact = P.Budget(bpe.count, encode=bpe.encode)
+    idx = P.response_prompt(history, KNOWLEDGE, budget).src_penalty_end_idx
+    assert 0 < idx <= P.response_prompt(history, KNOWLEDGE, exact).src_penalty_end_idx
 
 
 def test_long_history_is_cut_from_the_oldest_line(budget):

@@ -82,7 +82,7 @@ def test_unsafe_message_never_reaches_the_model(tmp_path, scripted):
                          "Enter Your Message: you are an idiot and everybody hates you",
                          UNSAFE_INPUT_MESSAGE]
     # ...and only the safe one reached the server.
-    prompts = {r.json()["prompt"] for r in server.requests}
+    prompts = {r.json()["prompt"] for r in server.requests if r.path == "/completions"}
     assert prompts and all("Hello, how are you?" in p for p in prompts)
     assert not any("idiot" in p for p in prompts)
     assert result.returncode == 1 and "HTTP 503: not now" in result.stderr

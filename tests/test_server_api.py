@@ -151,3 +151,26 @@ def test_stream_cut_at_a_stop_sequence(server):
     chunks = [json.loads(e)["choices"][0] for e in events[:-1]]
     assert "".join(c["text"] for c in chunks) == full[:full.find(stop)]
     assert chunks[-1]["finish_reason"] == "stop"
+
+
+# -- POST /tokenize ---------------------------------------------------------------------------
+
+def test_tokenize_answers_the_servers_own_ids(server, reference):
+    _, tok = reference
+    text = "Person 1: Hi!\r\nSearch Decision: café 😀"
+    r = server.post("/tokenize", {"prompt": text})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == tok.encode(text) and body["count"] == len(body["tokens"])
+    assert body["max_model_len"] == 512  # the server's --max-seq-len
+    both = server.post("/tokenize", {"prompt": ["Hello", "Hello world"]}).json()
+    assert both["tokens"] == [tok.encode("Hello"), tok.encode("Hello world")]
+
+
+@pytest.mark.parametrize("raw,param", [
+    (b'{"text": "hi"}', "prompt"), (b'{"prompt": [1, 2]}', "prompt"),
+    (b'{"prompt": "a\\ud800"}', "prompt"), (b"[1]", None), (b"{bad", None),
+])
+def test_tokenize_errors_are_the_same_json(server, raw, param):
+    r = server.post("/tokenize", data=raw, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == param

@@ -25,8 +25,9 @@ from .engine import Engine
 from .handles import EngineError, RequestHandle, choices_for
 from .metrics import Metrics
 from .scheduler import QueueFull
-from .schema import (SSE_DONE, CompletionRequest, RequestError, error_body, metaseq_response,
-                     openai_response, parse_body, sse, stream_chunk, top_json)
+from .schema import (SSE_DONE, CompletionRequest, RequestError, error_body, load_body,
+                     metaseq_response, openai_response, parse_body, parse_tokenize, sse,
+                     stream_chunk, top_json)
 
 log = logging.getLogger("opt_serve.http")
 METASEQ, OPENAI = "metaseq", "openai"
@@ -249,6 +250,18 @@ def create_app(service: Service) -> Flask:
                 metrics.streams.labels("cancelled").inc()
                 metrics.requests.labels(api, "499").inc()
                 engine.cancel(handle)
+
+    @app.post("/tokenize")
+    def tokenize():
+        """The server's token ids of a prompt, as completions would see it (vLLM's route):
+        clients that cannot load the tokenizer files count and place tokens exactly."""
+        prompts = parse_tokenize(load_body(_read_body(limits), limits))
+        if isinstance(prompts, str):
+            ids = tok.encode(prompts)
+            return _json({"tokens": ids, "count": len(ids), "max_model_len": limits.max_seq_len})
+        ids = tok.encode_batch(list(prompts))
+        return _json({"tokens": ids, "count": [len(i) for i in ids],
+                      "max_model_len": limits.max_seq_len})
 
     for path in ("/completions", "/v1/engines/<engine_name>/completions",
                  "/v2/engines/<engine_name>/completions", "/engines/<engine_name>/completions"):

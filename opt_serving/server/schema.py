@@ -271,6 +271,11 @@ def _no_constant(name: str):
 
 def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> CompletionRequest:
     """From the raw HTTP body: size, UTF-8 and JSON are checked here too."""
+    return parse_request(load_body(raw, limits), limits)
+
+
+def load_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> Any:
+    """The JSON value of a raw body; every way it can be unreadable is a RequestError."""
     if len(raw) > limits.max_body_bytes:
         raise RequestError(f"the request body is {len(raw)} bytes; the limit is "
                            f"{limits.max_body_bytes}", code="body_too_large", status=413)
@@ -279,14 +284,25 @@ def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> CompletionReq
     except UnicodeDecodeError as e:
         raise RequestError(f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("the request body is nested too deeply") from None
     except ValueError as e:  # e.g. an integer past Python's 4300-digit conversion limit
         raise RequestError(f"the request body cannot be read: {e}") from None
-    return parse_request(obj, limits)
+
+
+def parse_tokenize(obj: Any) -> tuple[str, ...] | str:
+    """``POST /tokenize``: {"prompt": str or [str, ...]} (vLLM's route, a list allowed too)."""
+    if not isinstance(obj, dict):
+        raise RequestError("the request body must be a JSON object")
+    v = obj.get("prompt")
+    if isinstance(v, str):
+        return _text(v, "prompt", "prompt")
+    if isinstance(v, list) and v and all(isinstance(p, str) for p in v):
+        return tuple(_text(p, f"prompt[{i}]", "prompt") for i, p in enumerate(v))
+    raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
 
 
 # -- responses ---------------------------------------------------------------------------------
