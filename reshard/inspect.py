@@ -7,11 +7,10 @@ dtype, model-parallel degree and FSDP shards per part, valid degrees, size on di
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
-from opt_serving.checkpoint import safe_pickle
+from opt_serving.checkpoint import torch_file
 from opt_serving.checkpoint.assemble import saved_layout
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import PART_RE, Part, discover, dtype_name, model_config
@@ -31,7 +30,7 @@ _KINDS = {
 
 
 def _raw_checkpoint(path: str) -> dict:
-    obj = safe_pickle.load(path)
+    obj = torch_file.load(path)
     if not isinstance(obj, dict) or not isinstance(obj.get("model"), dict):
         raise CheckpointError(path, "is a torch file but not a metaseq checkpoint (no 'model' "
                               "state dict)", "pass a metaseq checkpoint (consolidated.pt, "
@@ -58,7 +57,7 @@ def inspect_path(path: str) -> dict:
     first = files[0][0]
     ckpt = _raw_checkpoint(first)
     model = ckpt["model"]
-    lazy = dict(safe_pickle.tensors(model))
+    lazy = dict(torch_file.tensors(model))
     flattened = any(k.endswith("flat_param_0") for k in model)
     separate = any(k.endswith("self_attn.q_proj.weight") for k in model)
     cfg = model_config(Part(0, [first], ckpt))

@@ -9,7 +9,6 @@ streamed in fixed-size chunks, so memory stays flat whatever the part size.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 

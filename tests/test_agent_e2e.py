@@ -468,27 +468,3 @@ def test_search_failures_take_the_contextual_path(tmp_path, opt_serve, proxy, sc
     assert m["ckm"].prompt == lines(f"Person 1: {message}", "Previous Topic:")
     topic = [f"Previous Topic: {m['ckm'].output}"] if m["ckm"].output else []
     assert m["response"].prompt == lines(f"Person 1: {message}", topic, "Person 2:")
-
-
-# -- token counts without local tokenizer files ------------------------------------------------
-
-def test_without_files_the_agent_tokenizes_on_the_server(opt_serve, proxy, scripted, bpe,
-                                                         monkeypatch, tmp_path):
-    from agents import prompts as P
-    from agents import tokens
-
-    monkeypatch.setattr(tokens, "default_assets_dir", lambda: tmp_path / "none")
-    opt = proxy(opt_serve.url)
-    tok = tokens.load_tokenizer(None, server=opt.url)
-    texts = ["Person 1: Hi! I just adopted a puppy.", "Interesting Fact:", " café 😀 — ok"]
-    for text in texts * 2:  # the second time from the cache
-        assert tok.encode(text) == tuple(bpe.encode(text)) and tok.count(text) == len(
-            bpe.encode(text))
-    assert [r.path for r in opt.requests] == ["/tokenize"] * (1 + len(texts))
-    budget = P.Budget(tok.count, encode=tok.encode)
-    knowledge = {"interesting_fact": "Corgis are herding dogs."}
-    idx = P.response_prompt(("Person 1: Hi!",), knowledge, budget).src_penalty_end_idx
-    assert idx == len(bpe.encode("Person 1: Hi!\n"))
-    # A server without the route (metaseq's own): the estimate, named as such.
-    metaseq = scripted(lambda r: (404, "text/html", "<h1>Not Found</h1>"))
-    assert tokens.load_tokenizer(None, server=metaseq.url).source.startswith("estimate")

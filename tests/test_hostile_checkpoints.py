@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opt_serving.checkpoint import safe_pickle, synthetic
+from opt_serving.checkpoint import synthetic, torch_file
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import model_config, open_parts
 from opt_serving.testing.crafted import Ops, write_zip
@@ -27,7 +27,7 @@ FLOATS = struct.pack("<8f", *range(8))  # one 8-element float32 storage
 
 def refused(path, *words):
     with pytest.raises(CheckpointError) as e:
-        safe_pickle.load(path)
+        torch_file.load(path)
     assert str(path) in str(e.value)
     for w in words:
         assert w in str(e.value)
@@ -54,7 +54,7 @@ def test_build_cannot_patch_an_allowed_class(tmp_path):
 def test_build_on_a_namespace_instance_still_works(tmp_path):
     ops = Ops().glob("argparse", "Namespace").raw(b")\x81")  # NEWOBJ with no args
     ops.dict(decoder_layers=2).raw(b"b")
-    ns = safe_pickle.load(write_zip(tmp_path / "x.pt", ops.done()))
+    ns = torch_file.load(write_zip(tmp_path / "x.pt", ops.done()))
     assert isinstance(ns, argparse.Namespace) and ns.decoder_layers == 2
     ops = Ops().glob("argparse", "Namespace").raw(b")\x81").dict(__class__=1).raw(b"b")
     refused(write_zip(tmp_path / "y.pt", ops.done()), "plain attribute names")
@@ -75,12 +75,12 @@ BOMBS = {
 }
 BOMB_SCRIPT = r"""
 import resource, sys
-from opt_serving.checkpoint import safe_pickle
+from opt_serving.checkpoint import torch_file
 from opt_serving.checkpoint.errors import CheckpointError
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for path in sys.argv[1:]:
     try:
-        safe_pickle.load(path)
+        torch_file.load(path)
         print("LOADED", path)
     except CheckpointError as e:
         print("REFUSED", path, "|", e)
@@ -147,7 +147,7 @@ def test_tensor_records_stay_inside_their_storage(tmp_path, numel, offset, size,
 
 def test_views_inside_a_storage_still_load(tmp_path):
     ops = Ops().raw(b"}(").str("a").tensor("0", 8, 2, (2, 3), (3, 1)).raw(b"u")
-    t = safe_pickle.load(write_zip(tmp_path / "x.pt", ops.done(), {"0": FLOATS}))["a"]
+    t = torch_file.load(write_zip(tmp_path / "x.pt", ops.done(), {"0": FLOATS}))["a"]
     assert t.read().tolist() == [[2, 3, 4], [5, 6, 7]]
 
 
@@ -169,10 +169,10 @@ def test_placeholders_in_odd_places_are_refused(tmp_path, ops, words):
 def test_a_refused_reference_imports_nothing(tmp_path):
     path = write_zip(tmp_path / "x.pt", Ops().glob("torch", "_inductor").done())
     plain = write_zip(tmp_path / "plain.pt", Ops().dict(a=1).done())
-    script = ("import sys; from opt_serving.checkpoint import safe_pickle\n"
-              f"safe_pickle.load({str(plain)!r})\n"  # what reading any file imports
+    script = ("import sys; from opt_serving.checkpoint import torch_file\n"
+              f"torch_file.load({str(plain)!r})\n"  # what reading any file imports
               "before = set(sys.modules)\n"
-              "try: safe_pickle.load(sys.argv[1])\n"
+              "try: torch_file.load(sys.argv[1])\n"
               "except Exception as e: print(type(e).__name__)\n"
               "print(sorted(set(sys.modules) - before))")
     out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
@@ -185,7 +185,7 @@ def test_a_refused_reference_imports_nothing(tmp_path):
 def test_legacy_file_with_a_bad_storage_size(tmp_path):
     path = tmp_path / "old.pt"
     torch.save({"model": {"w": torch.arange(4.0)}}, path, _use_new_zipfile_serialization=False)
-    assert safe_pickle.load(path)["model"]["w"].read().tolist() == [0, 1, 2, 3]
+    assert torch_file.load(path)["model"]["w"].read().tolist() == [0, 1, 2, 3]
     data = bytearray(path.read_bytes())
     data[-16 - 8:-16] = struct.pack("<q", -5)  # the storage's element count
     path.write_bytes(bytes(data))

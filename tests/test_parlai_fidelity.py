@@ -1,4 +1,5 @@
-"""Our BB3 agent sends what ParlAI's sends, request for request (issue 9).
+"""Our BB3 agent sends what ParlAI's sends, request for request (issue 9), and counts tokens as
+the server does even without the tokenizer files.
 
 The fixtures in fixtures/parlai/ are the request bodies ParlAI's real agent (parlai==1.7.2,
 gen/opt_bb3) sent through four conversations against deterministic stand-in servers
@@ -72,3 +73,30 @@ def test_opt_serve_reads_every_field_parlai_sends(fixture):
                 s.alpha_frequency_src, s.alpha_src_penalty_end_idx) == (
             body["alpha_presence"], body["alpha_frequency"], body["alpha_presence_src"],
             body["alpha_frequency_src"], body["alpha_src_penalty_end_idx"])
+
+
+# -- token counts without local tokenizer files ------------------------------------------------
+
+def test_without_files_the_agent_tokenizes_on_the_server(opt_serve, proxy, scripted,
+                                                         monkeypatch, tmp_path):
+    from agents import prompts as P
+    from agents import tokens
+    from opt_serving.tokenizer import Tokenizer
+
+    bpe = Tokenizer.from_folder(assets_dir=ASSETS)  # what the served model uses
+
+    monkeypatch.setattr(tokens, "default_assets_dir", lambda: tmp_path / "none")
+    opt = proxy(opt_serve.url)
+    tok = tokens.load_tokenizer(None, server=opt.url)
+    texts = ["Person 1: Hi! I just adopted a puppy.", "Interesting Fact:", " café 😀 — ok"]
+    for text in texts * 2:  # the second time from the cache
+        assert tok.encode(text) == tuple(bpe.encode(text)) and tok.count(text) == len(
+            bpe.encode(text))
+    assert [r.path for r in opt.requests] == ["/tokenize"] * (1 + len(texts))
+    budget = P.Budget(tok.count, encode=tok.encode)
+    knowledge = {"interesting_fact": "Corgis are herding dogs."}
+    idx = P.response_prompt(("Person 1: Hi!",), knowledge, budget).src_penalty_end_idx
+    assert idx == len(bpe.encode("Person 1: Hi!\n"))
+    # A server without the route (metaseq's own): the estimate, named as such.
+    metaseq = scripted(lambda r: (404, "text/html", "<h1>Not Found</h1>"))
+    assert tokens.load_tokenizer(None, server=metaseq.url).source.startswith("estimate")

@@ -268,7 +268,7 @@ def test_cli_help_reads_like_documentation(capsys):
 def test_cli_inspect(capsys, tmp_path, tiny_cfg, tiny_state, src, monkeypatch):
     synthetic.write_fsdp_shards(tmp_path / "fsdp", tiny_cfg, tiny_state, mp=2, dp=3)
     # Only pickles are read: any attempt to read tensor bytes fails the test.
-    from opt_serving.checkpoint.safe_pickle import LazyTensor
+    from opt_serving.checkpoint.lazy_tensor import LazyTensor
     monkeypatch.setattr(LazyTensor, "read", lambda *a, **k: pytest.fail("read tensor bytes"))
     monkeypatch.setattr(LazyTensor, "mmap", lambda *a, **k: pytest.fail("mapped tensor bytes"))
     rc, out, _ = cli(capsys, "inspect", "--json", src, tmp_path / "fsdp")

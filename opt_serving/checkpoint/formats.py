@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from ..config import DTYPES, OPTConfig
-from . import safe_pickle
+from . import torch_file
 from .errors import CheckpointError
-from .safe_pickle import LazyTensor
+from .lazy_tensor import LazyTensor
 
 PART_RE = re.compile(r"^(?P<stem>.*?)-model_part-(?P<part>\d+)(?:-shard(?P<shard>\d+))?\.pt$")
 
@@ -139,7 +139,7 @@ class Part:
 
 
 def _checkpoint_dict(path: str) -> dict:
-    obj = safe_pickle.load(path)
+    obj = torch_file.load(path)
     if not isinstance(obj, dict) or "model" not in obj or not isinstance(obj["model"], dict):
         raise CheckpointError(path, "is a torch file but not a metaseq checkpoint (no 'model' "
                               "state dict)", "pass a metaseq checkpoint (consolidated.pt, "

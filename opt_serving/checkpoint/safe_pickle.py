@@ -13,40 +13,34 @@ inert ``Placeholder``s that hold their arguments and never run; (c) describe ten
   (``_build``); NEWOBJ / OBJ / INST only make those (``_new``);
 - read bytes outside a tensor's own storage, or a storage outside the file: every record is
   checked against its storage (``lazy_tensor.check_extent``) and every storage against its
-  zip record and the file size (``_zip_records``, ``_persistent_load``);
+  zip record and the file size (``torch_file``, ``persistent_load``);
 - use unbounded memory or time: the pickle is capped at MAX_PICKLE_BYTES after inflation,
   at MAX_OPS opcodes and MAX_OBJECTS instances; builtins that size their output from an
   argument (bytearray, set, range, torch.Size) are capped (``_bounded``); the memo is a dict
   (the C unpickler would allocate up to a 2**31-entry array for one LONG_BINPUT);
-- hand callers a structure they cannot walk: after loading, ``_check_tree`` walks the result
+- hand callers a structure they cannot walk: after loading, ``check_tree`` walks the result
   iteratively and refuses nesting deeper than MAX_DEPTH, cycles, more than MAX_VISITS nodes,
   bare classes or functions, and placeholders or tensors used as dict keys or set members.
 
 Every refusal is a ``CheckpointError`` naming the file; nothing from the file ever runs.
-Both formats are read: the zip format of torch >= 1.6 and the legacy sequential one.
+``torch_file.load`` is the entry point: it reads both layouts (the zip format of torch >= 1.6
+and the legacy sequential one) with this unpickler.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
-import dataclasses
-import io
-import math
-import os
 import pickle
 import struct
-import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from .errors import CheckpointError
-from .lazy_tensor import (MAX_DIMS, STORAGE_DTYPES, STORAGE_NAMES, LazyTensor, check_extent,
-                          itemsize)
+from .lazy_tensor import MAX_DIMS, STORAGE_DTYPES, STORAGE_NAMES, LazyTensor, check_extent, itemsize
 
-__all__ = ["LazyTensor", "Placeholder", "STORAGE_NAMES", "load", "tensors"]
+__all__ = ["LazyTensor", "Placeholder", "STORAGE_NAMES", "check_tree", "MAX_PICKLE_BYTES"]
 
 MAX_PICKLE_BYTES = 64 << 20  # a BB3-175B data.pkl is ~200 KB
 MAX_OPS = 4_000_000
@@ -65,7 +59,7 @@ _TORCH_DTYPES = {n: v for n, v in vars(torch).items() if isinstance(v, torch.dty
 _SCALARS = (type(None), bool, int, float, complex, str, bytes, torch.dtype)
 
 
-def _refuse(path: str, problem: str) -> CheckpointError:
+def refuse(path: str, problem: str) -> CheckpointError:
     return CheckpointError(path, problem, "use checkpoints from a trusted source; if this one "
                            "is genuine, re-save it with plain tensors and dicts")
 
@@ -106,7 +100,7 @@ def _is_scalar_key(obj) -> bool:
     return isinstance(obj, _SCALARS)
 
 
-class _SafeUnpickler(pickle._Unpickler):
+class SafeUnpickler(pickle._Unpickler):
     """The pure-Python unpickler with an allow-list, bounded work and a guarded BUILD."""
 
     dispatch = dict(pickle._Unpickler.dispatch)
@@ -127,18 +121,18 @@ class _SafeUnpickler(pickle._Unpickler):
         try:
             return super().load()
         except RecursionError:
-            raise _refuse(self.path, "is nested too deeply to unpickle") from None
+            raise refuse(self.path, "is nested too deeply to unpickle") from None
 
     def _count(self) -> None:
         self.ops += 1
         if self.ops > MAX_OPS:
-            raise _refuse(self.path, f"has a pickle of more than {MAX_OPS} operations, far "
+            raise refuse(self.path, f"has a pickle of more than {MAX_OPS} operations, far "
                           "beyond any real checkpoint")
 
     def _instance(self, obj):
         self.objects += 1
         if self.objects > MAX_OBJECTS:
-            raise _refuse(self.path, f"makes more than {MAX_OBJECTS} objects")
+            raise refuse(self.path, f"makes more than {MAX_OBJECTS} objects")
         self._made.add(id(obj))
         self._keep.append(obj)
         return obj
@@ -148,7 +142,7 @@ class _SafeUnpickler(pickle._Unpickler):
     def find_class(self, module: str, name: str):
         found = self._resolve(module, name)
         if found is None:
-            raise _refuse(self.path, f"contains a pickled reference to {module}.{name}, which "
+            raise refuse(self.path, f"contains a pickled reference to {module}.{name}, which "
                           "is not a tensor or a plain container: loading it could run code, "
                           "so it was refused (nothing was executed)")
         return found
@@ -189,17 +183,17 @@ class _SafeUnpickler(pickle._Unpickler):
             for a in args:
                 if isinstance(a, int) and not isinstance(a, bool):
                     if kind is bytearray and not 0 <= a <= MAX_BYTEARRAY:
-                        raise _refuse(self.path, f"asks for a bytearray of {a} bytes")
+                        raise refuse(self.path, f"asks for a bytearray of {a} bytes")
                     if kind is range and abs(a) > MAX_ITEMS:
-                        raise _refuse(self.path, f"asks for a range up to {a}")
+                        raise refuse(self.path, f"asks for a range up to {a}")
                 elif isinstance(a, (list, tuple, set, frozenset, range, bytes, bytearray, str)):
                     if len(a) > limit:
-                        raise _refuse(self.path, f"asks for a {kind.__name__} of {len(a)} "
+                        raise refuse(self.path, f"asks for a {kind.__name__} of {len(a)} "
                                       f"items (at most {limit})")
                     if kind in (set, frozenset) and not all(_is_scalar_key(v) for v in a):
-                        raise _refuse(self.path, f"puts an object into a {kind.__name__}")
+                        raise refuse(self.path, f"puts an object into a {kind.__name__}")
                 elif not _is_scalar_key(a):
-                    raise _refuse(self.path, f"passes {type(a).__name__} to {kind.__name__}")
+                    raise refuse(self.path, f"passes {type(a).__name__} to {kind.__name__}")
             if dims:
                 return tuple(int(d) for d in (args[0] if args else ()))
             return kind(*args)
@@ -216,7 +210,7 @@ class _SafeUnpickler(pickle._Unpickler):
             return self._instance(cls(*args, **kwargs))
         if cls in (collections.OrderedDict, argparse.Namespace) and not args and not kwargs:
             return self._instance(cls())
-        raise _refuse(self.path, f"asks to create an object of {_describe(cls)} directly")
+        raise refuse(self.path, f"asks to create an object of {_describe(cls)} directly")
 
     def _load_newobj(self):
         args = self.stack.pop()
@@ -242,14 +236,14 @@ class _SafeUnpickler(pickle._Unpickler):
             self.stack[-1] = self._new(func, args)
             return
         if not callable(func) or isinstance(func, type):
-            raise _refuse(self.path, f"asks to call {_describe(func)}")
+            raise refuse(self.path, f"asks to call {_describe(func)}")
         self.stack[-1] = func(*args)
 
     def _build(self):
         state = self.stack.pop()
         inst = self.stack[-1]
         if id(inst) not in self._made or isinstance(inst, type):
-            raise _refuse(self.path, f"asks to set the state of {_describe(inst)} (only the "
+            raise refuse(self.path, f"asks to set the state of {_describe(inst)} (only the "
                           "inert records this reader made may get state)")
         if isinstance(inst, Placeholder):
             inst.__setstate__(state)
@@ -260,14 +254,14 @@ class _SafeUnpickler(pickle._Unpickler):
             return
         if not isinstance(state, dict) or not all(
                 isinstance(k, str) and not k.startswith("__") for k in state):
-            raise _refuse(self.path, f"gives {type(inst).__name__} a state that is not a dict "
+            raise refuse(self.path, f"gives {type(inst).__name__} a state that is not a dict "
                           "of plain attribute names")
         inst.__dict__.update(state)
 
     def _load_long_binput(self):
         i, = struct.unpack("<I", self.read(4))
         if i > MAX_OPS:  # memo indices count up from 0, one per object at most
-            raise _refuse(self.path, f"has a pickle memo index of {i}")
+            raise refuse(self.path, f"has a pickle memo index of {i}")
         self.memo[i] = self.stack[-1]
 
     def _wrap(op):
@@ -364,7 +358,7 @@ def _children(obj):
         yield vars(obj), False
 
 
-def _check_tree(path: str, root) -> None:
+def check_tree(path: str, root) -> None:
     """Iterative, so a deep structure cannot exhaust the stack here; see the threat model."""
     todo = [(root, 0, False)]
     on_path: list[int] = []  # ids of the containers from the root to the current one
@@ -376,171 +370,22 @@ def _check_tree(path: str, root) -> None:
             continue
         visits += 1
         if visits > MAX_VISITS:
-            raise _refuse(path, f"holds a structure of more than {MAX_VISITS} nodes (shared "
+            raise refuse(path, f"holds a structure of more than {MAX_VISITS} nodes (shared "
                           "or repeated containers)")
         if depth > MAX_DEPTH:
-            raise _refuse(path, f"nests containers more than {MAX_DEPTH} deep (or a container "
+            raise refuse(path, f"nests containers more than {MAX_DEPTH} deep (or a container "
                           "holds itself)")
         if as_key and not _is_scalar_key(obj):
-            raise _refuse(path, f"uses {_describe(obj)} as a dict key or set member")
+            raise refuse(path, f"uses {_describe(obj)} as a dict key or set member")
         if isinstance(obj, (type, _StorageType, _StorageRef)) or callable(obj):
-            raise _refuse(path, f"holds {_describe(obj)} itself where data belongs")
+            raise refuse(path, f"holds {_describe(obj)} itself where data belongs")
         if isinstance(obj, _SCALARS + (bytearray, slice, range, LazyTensor)):
             continue
         if id(obj) in on_path:
-            raise _refuse(path, "holds a container that contains itself")
+            raise refuse(path, "holds a container that contains itself")
         on_path.append(id(obj))
         todo.append((_EXIT, depth, False))
         todo.extend((child, depth + 1, key) for child, key in _children(obj))
 
 
-_EXIT = object()  # marks leaving a container in _check_tree
-
-
-# -- files --------------------------------------------------------------------------------------
-
-def _zip_records(path: str, zf: zipfile.ZipFile, prefix: str) -> dict[str, tuple[int, int]]:
-    """Storage key -> (absolute offset, size) of its bytes (records are stored, uncompressed)."""
-    records = {}
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        for info in zf.infolist():
-            if not info.filename.startswith(prefix + "data/"):
-                continue
-            if info.compress_type != zipfile.ZIP_STORED:
-                raise CheckpointError(path, "has compressed tensor records",
-                                      "re-save it with torch.save (which stores them uncompressed)")
-            f.seek(info.header_offset)
-            header = f.read(30)
-            if len(header) < 30 or header[:4] != b"PK\x03\x04":
-                raise CheckpointError(path, "is corrupt (bad zip record header)",
-                                      "download or copy the file again")
-            name_len, extra_len = struct.unpack("<HH", header[26:30])
-            start = info.header_offset + 30 + name_len + extra_len
-            if start + info.file_size > size:
-                raise CheckpointError(path, f"is truncated: tensor data {info.filename} ends "
-                                      f"past the end of the file ({size} bytes)",
-                                      "download or copy the file again")
-            records[info.filename[len(prefix) + 5:]] = (start, info.file_size)
-    return records
-
-
-def _read_pickle(path: str, zf: zipfile.ZipFile, name: str) -> bytes:
-    """data.pkl, inflated at most to MAX_PICKLE_BYTES (a small zip may inflate to GiBs)."""
-    with zf.open(name) as f:
-        data = f.read(MAX_PICKLE_BYTES + 1)
-    if len(data) > MAX_PICKLE_BYTES:
-        raise _refuse(path, f"has a pickle (data.pkl) larger than {MAX_PICKLE_BYTES >> 20} MiB "
-                      "once inflated; real checkpoints hold well under 1 MiB")
-    return data
-
-
-def load(path: str | os.PathLike) -> object:
-    """Unpickle a checkpoint safely; tensors are ``LazyTensor`` records."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(path, "does not exist or is not a file", "check the path")
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                pkl = [n for n in zf.namelist() if n.endswith("data.pkl")]
-                if not pkl:
-                    raise CheckpointError(path, "is a zip file but not a torch checkpoint "
-                                          "(no data.pkl)", "pass a metaseq checkpoint (.pt)")
-                prefix = pkl[0][: -len("data.pkl")]
-                records = _zip_records(path, zf, prefix)
-                data = _read_pickle(path, zf, pkl[0])
-            obj = _SafeUnpickler(io.BytesIO(data), path, records).load()
-            _check_tree(path, obj)
-        else:
-            obj = _load_legacy(path)
-    except CheckpointError:
-        raise
-    except RecursionError:
-        raise _refuse(path, "is nested too deeply to read") from None
-    except MemoryError:
-        raise _refuse(path, "needs more memory to unpickle than this machine has") from None
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, struct.error, OSError,
-            ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError,
-            NotImplementedError, zipfile.LargeZipFile) as e:
-        raise CheckpointError(path, f"is not a readable torch checkpoint ({type(e).__name__}: "
-                              f"{str(e)[:200]})", "it may be truncated or corrupt, or not a "
-                              "checkpoint at all: download or copy it again") from None
-    return obj
-
-
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-
-
-def _load_legacy(path: str) -> object:
-    """torch's pre-1.6 format: magic, protocol, sys_info, the object, storage keys, raw data
-    (each storage: its element count as int64, then its bytes)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(4)
-        f.seek(0)
-        if head == b"PK\x03\x04":
-            raise CheckpointError(path, "is truncated or corrupt: it starts like a torch zip "
-                                  "checkpoint but its index at the end is missing",
-                                  "download or copy the file again")
-        if head[:1] != b"\x80":
-            raise CheckpointError(path, "is not a torch checkpoint (neither a zip archive nor "
-                                  "a pickle)", "pass a metaseq checkpoint file (.pt)")
-        if _SafeUnpickler(f, path, {}).load() != _LEGACY_MAGIC:
-            raise CheckpointError(path, "is a pickle but not a torch checkpoint",
-                                  "pass a metaseq checkpoint file (.pt)")
-        _SafeUnpickler(f, path, {}).load()  # protocol version
-        _SafeUnpickler(f, path, {}).load()  # sys_info
-        unpickler = _SafeUnpickler(f, path, None)
-        obj = unpickler.load()
-        keys = _SafeUnpickler(f, path, {}).load()
-        if not isinstance(keys, list) or len(keys) > MAX_OBJECTS:
-            raise CheckpointError(path, "(legacy format) has no valid list of storage keys",
-                                  "the file is truncated or corrupt: download it again")
-        offsets: dict[str, int] = {}
-        for key in keys:
-            ref = unpickler.legacy_refs.get(str(key))
-            head = f.read(8)
-            if ref is None or len(head) < 8:
-                raise CheckpointError(path, f"(legacy format) has storage {key!r} without a "
-                                      "tensor, or ends before it", "the file is truncated or "
-                                      "corrupt: download it again")
-            numel = struct.unpack("<q", head)[0]
-            nbytes = numel * itemsize(ref.dtype)
-            if numel != ref.numel or f.tell() + nbytes > size:
-                raise CheckpointError(path, f"(legacy format) storage {key} holds {numel} "
-                                      f"elements where {ref.numel} were described, or ends "
-                                      "past the end of the file", "the file is truncated or "
-                                      "corrupt: download it again")
-            offsets[str(key)] = f.tell()
-            f.seek(nbytes, os.SEEK_CUR)
-    missing = set(unpickler.legacy_refs) - set(offsets)
-    if missing:
-        raise CheckpointError(path, f"(legacy format) lacks the data of storage "
-                              f"{sorted(missing)[0]}", "the file is truncated: download it again")
-    _check_tree(path, obj)
-    # Records carry their storage's stand-in offset (negative, unique per key) until now.
-    real = {ref.file_offset: offsets[key] for key, ref in unpickler.legacy_refs.items()}
-    return _walk(obj, lambda t: dataclasses.replace(t, file_offset=real[t.file_offset]))
-
-
-def _walk(obj, fn):
-    if isinstance(obj, LazyTensor):
-        return fn(obj)
-    if isinstance(obj, dict):
-        return type(obj)((k, _walk(v, fn)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_walk(v, fn) for v in obj)
-    return obj
-
-
-def tensors(obj, prefix: str = ""):
-    """Yield (dotted path, LazyTensor) for every tensor inside ``obj``."""
-    if isinstance(obj, LazyTensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
-        for k, v in obj.items():
-            yield from tensors(v, f"{prefix}.{k}" if prefix else str(k))
-    elif isinstance(obj, (list, tuple)):
-        for i, v in enumerate(obj):
-            yield from tensors(v, f"{prefix}.{i}" if prefix else str(i))
+_EXIT = object()  # marks leaving a container in check_tree

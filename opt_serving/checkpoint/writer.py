@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import CheckpointError
-from .safe_pickle import STORAGE_NAMES
-
+from .lazy_tensor import STORAGE_NAMES
 
 PARALLEL_HASH_BYTES = 1 << 20  # smaller writes (zip headers) are hashed inline
 
