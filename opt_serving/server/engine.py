@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -53,8 +53,12 @@ class EngineStats:
 
 class Engine:
     def __init__(self, *, runner: ModelRunner, control: Control, scheduler: Scheduler,
-                 tokenizer, request_timeout_s: float, ping_interval_s: float = 1.0):
+                 tokenizer, request_timeout_s: float, ping_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
         self.runner, self.control, self.scheduler = runner, control, scheduler
+        # Request deadlines and pings follow ``clock`` (tests drive it); the collective
+        # watchdog (busy_since) always reads the real monotonic clock.
+        self.clock = clock
         self.tokenizer = tokenizer
         self.request_timeout_s = request_timeout_s
         self.ping_interval_s = ping_interval_s
@@ -64,7 +68,7 @@ class Engine:
         self._inbox: queue.Queue = queue.Queue()
         self._handles: dict[int, RequestHandle] = {}  # scheduler group -> request
         self._stop = threading.Event()
-        self._last_ping = time.monotonic()
+        self._last_ping = clock()
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- any thread --------------------------------------------------------------------------
@@ -86,7 +90,8 @@ class Engine:
                               code="not_ready")
         request = dataclasses.replace(request, sampling=request.sampling.seeded())
         stop_ids = self.tokenizer.single_token_ids(request.stop) if request.stop else ()
-        handle = RequestHandle(request, prompt_ids, stop_ids, self.request_timeout_s)
+        handle = RequestHandle(request, prompt_ids, stop_ids, self.request_timeout_s,
+                               clock=self.clock)
         self._inbox.put(("submit", handle))
         if not self.ready:  # failed after the check above: fail() may have drained already
             reason = self.failure or "stopping"
@@ -147,9 +152,9 @@ class Engine:
             item = self._inbox.get(timeout=self.ping_interval_s) if block else \
                 self._inbox.get_nowait()
         except queue.Empty:
-            if block and time.monotonic() - self._last_ping >= self.ping_interval_s:
+            if block and self.clock() - self._last_ping >= self.ping_interval_s:
                 self._collective(self.control.ping)
-                self._last_ping = time.monotonic()
+                self._last_ping = self.clock()
             return
         while True:
             kind, handle = item
@@ -202,7 +207,7 @@ class Engine:
         self._update_stats()
 
     def _expire(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for handle in [h for h in self._handles.values() if now > h.deadline]:
             log.warning("request %s timed out after %.1f s", handle.id, self.request_timeout_s)
             self._drop(handle, timeout_error(self.request_timeout_s))
@@ -303,7 +308,7 @@ class Engine:
                 else:
                     sampled[seq.id], scores[seq.id], tops[seq.id] = got
         self.scheduler.commit(plan, sampled)
-        now = time.monotonic()
+        now = self.clock()
         for seq, _ in last:
             if seq.state != RUNNING:
                 continue

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -140,14 +140,16 @@ class RequestHandle:
     methods; the HTTP thread calls ``wait_accepted``, ``result`` or ``stream``."""
 
     def __init__(self, request: CompletionRequest, prompt_ids: Sequence[Sequence[int]],
-                 stop_ids: tuple[int, ...], timeout_s: float):
+                 stop_ids: tuple[int, ...], timeout_s: float,
+                 clock: Callable[[], float] = time.monotonic):
         self.id = new_request_id()
         self.created = int(time.time())
         self.request = request
         self.prompt_ids = [tuple(p) for p in prompt_ids]
         self.stop_ids = stop_ids
         self.timeout_s = timeout_s
-        self.submitted = time.monotonic()
+        self._clock = clock  # the engine's: deadlines are in its time
+        self.submitted = clock()
         self.deadline = self.submitted + timeout_s
         self.first_token_at: float | None = None
         self.seqs: tuple = ()  # the scheduler's Seq objects, once accepted
@@ -200,7 +202,7 @@ class RequestHandle:
 
     def _next(self, grace_s: float):
         # The loop answers 504 at the deadline; the grace covers a loop stuck in a long step.
-        left = self.deadline - time.monotonic() + grace_s
+        left = self.deadline - self._clock() + grace_s
         try:
             item = self._events.get(timeout=max(left, 0.0))
         except queue.Empty:
@@ -226,23 +228,29 @@ class RequestHandle:
         return sum(s.truncated for s in self.seqs[::self.request.best_of]) if self.seqs else 0
 
 
-def choices_for(tok, request: CompletionRequest,
-                results: Sequence[SeqResult]) -> list[ChoiceResult]:
-    """n choices per prompt, in prompt order: the best of best_of copies by total log-prob
-    (copy order when best_of == n, so that indices match a stream's)."""
+def chosen(request: CompletionRequest, results: Sequence[SeqResult]) -> list[SeqResult]:
+    """The n results returned per prompt, in prompt order: the best of best_of copies by
+    total log-prob (copy order when best_of == n, so that indices match a stream's)."""
     by_prompt: dict[int, list[SeqResult]] = {}
     for r in results:
         by_prompt.setdefault(r.prompt_index, []).append(r)
-    choices = []
+    out = []
     for p in sorted(by_prompt):
         copies = sorted(by_prompt[p], key=lambda r: r.copy)
         order = (range(len(copies)) if request.best_of == request.n
                  else pick_best([c.total_logprob for c in copies], request.n))
-        for i in order:
-            r = copies[i]
-            choices.append(build_choice(
-                tok, prompt=r.prompt, generated=r.generated, echo=request.echo,
-                prompt_logprobs=r.prompt_logprobs, generated_logprobs=r.logprobs,
-                prompt_top=r.prompt_tops, generated_top=r.tops, finish_reason=r.finish_reason,
-                prompt_index=p, truncated=r.truncated, text_bytes=r.text_bytes))
-    return choices
+        out += [copies[i] for i in order]
+    return out
+
+
+def choice(tok, request: CompletionRequest, r: SeqResult) -> ChoiceResult:
+    return build_choice(
+        tok, prompt=r.prompt, generated=r.generated, echo=request.echo,
+        prompt_logprobs=r.prompt_logprobs, generated_logprobs=r.logprobs,
+        prompt_top=r.prompt_tops, generated_top=r.tops, finish_reason=r.finish_reason,
+        prompt_index=r.prompt_index, truncated=r.truncated, text_bytes=r.text_bytes)
+
+
+def choices_for(tok, request: CompletionRequest,
+                results: Sequence[SeqResult]) -> list[ChoiceResult]:
+    return [choice(tok, request, r) for r in chosen(request, results)]

@@ -290,9 +290,9 @@ def stop_workers(workers, timeout: float = 5.0) -> None:
             proc.kill()
 
 
-def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> int:
-    supervisor = Supervisor(workers, plan.options.constants.worker_timeout_s, plan.world_size)
-    supervisor.start()  # from now: a worker that dies while loading stops us too
+def start_engine(plan: Plan, env: distributed.RankEnv, tokenizer) -> tuple[Engine, SlotLayout]:
+    """Rank 0: load this rank's part and its KV cache, and start the engine loop (opt-serve
+    and the offline ``LLM`` both run it)."""
     opts, c = plan.options, plan.options.constants
     runner, control, layout = load_rank(plan, env)
     scheduler = Scheduler(num_slots=layout.num_slots, slot_len=layout.slot_len,
@@ -301,6 +301,23 @@ def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> 
     engine = Engine(runner=runner, control=control, scheduler=scheduler, tokenizer=tokenizer,
                     request_timeout_s=c.request_timeout_s,
                     ping_interval_s=opts.ping_interval_s).start()
+    return engine, layout
+
+
+def spawn_workers(plan: Plan, log_level: str = "INFO") -> tuple[list, distributed.RankEnv]:
+    """Ranks 1 .. world - 1 as spawned processes on this machine; returns them and rank 0's
+    environment."""
+    port = distributed.free_port()
+    ctx = mp.start_processes(_spawned_worker, args=(plan, port, log_level),
+                             nprocs=plan.world_size - 1, join=False, start_method="spawn")
+    return ctx.processes, distributed.RankEnv(0, plan.world_size, 0, "127.0.0.1", port, "spawn")
+
+
+def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> int:
+    supervisor = Supervisor(workers, plan.options.constants.worker_timeout_s, plan.world_size)
+    supervisor.start()  # from now: a worker that dies while loading stops us too
+    opts, c = plan.options, plan.options.constants
+    engine, layout = start_engine(plan, env, tokenizer)
     name = opts.model_name or plan.cfg.name
     app = create_app(Service(engine=engine, tokenizer=tokenizer, limits=c, model_name=name,
                              api_key=opts.api_key, world_size=plan.world_size))
@@ -341,12 +358,9 @@ def serve(options: ServeOptions, log_level: str = "INFO") -> int:
         os._exit(code)  # as spawned workers: gloo threads must not keep the process alive
     if plan.world_size == 1:
         return run_primary(plan, env, tokenizer)
-    port = distributed.free_port()
-    ctx = mp.start_processes(_spawned_worker, args=(plan, port, log_level),
-                             nprocs=plan.world_size - 1, join=False, start_method="spawn")
-    env0 = distributed.RankEnv(0, plan.world_size, 0, "127.0.0.1", port, "spawn")
+    workers, env0 = spawn_workers(plan, log_level)
     try:
-        return run_primary(plan, env0, tokenizer, ctx.processes)
+        return run_primary(plan, env0, tokenizer, workers)
     finally:
-        stop_workers(ctx.processes)
+        stop_workers(workers)
 

@@ -1,0 +1,179 @@
+"""The engine in-process: a scripted model runner and control group, an injected clock, no
+sleeps. Timeout, cancel, out-of-memory and a dead rank each take milliseconds, and the Flask
+app is driven over the same engine with its test client."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from constants import DEFAULTS
+from opt_serving.config import VOCAB_SIZE
+from opt_serving.server.app import Service, create_app
+from opt_serving.server.engine import Engine
+from opt_serving.server.handles import EngineError
+from opt_serving.server.scheduler import Scheduler
+from opt_serving.server.schema import parse_request
+from opt_serving.tokenizer import Tokenizer, locate_assets
+from paths import ASSETS
+
+WORD = 5  # the scripted model always prefers this token
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class ScriptedRunner:
+    """Logits with ``WORD`` on top at every position; ``on_step(n)`` runs before step n (from
+    the engine's loop thread) and may raise, advance the clock or cancel a request."""
+
+    def __init__(self):
+        self.steps = 0
+        self.on_step = lambda n: None
+
+    def run(self, work):
+        self.steps += 1
+        self.on_step(self.steps)
+        bp, k = work.prefill_tokens.shape[0], work.prefill_select.shape[1]
+        bd = work.decode_tokens.shape[0]
+        prefill = torch.zeros(bp, k, VOCAB_SIZE) if bp else None
+        decode = torch.zeros(bd, VOCAB_SIZE) if bd else None
+        for x in (prefill, decode):
+            if x is not None:
+                x[..., WORD] = 10.0
+        return prefill, decode
+
+
+class ScriptedControl:
+    def __init__(self, world_size: int = 1):
+        self.world_size = world_size
+        self.fail: Exception | None = None
+
+    def send_step(self, work):
+        if self.fail is not None:
+            raise self.fail
+
+    def ping(self):
+        if self.fail is not None:
+            raise self.fail
+
+    def send_shutdown(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer(locate_assets(assets_dir=ASSETS))
+
+
+@pytest.fixture
+def rig(tok):
+    clock, runner, control = Clock(), ScriptedRunner(), ScriptedControl()
+
+    def start(world_size: int = 1, slots: int = 4) -> Engine:
+        control.world_size = world_size
+        return Engine(runner=runner, control=control, tokenizer=tok, request_timeout_s=10.0,
+                      scheduler=Scheduler(num_slots=slots, slot_len=128, max_queued=8,
+                                          step_tokens=256, max_seq_len=128),
+                      clock=clock, ping_interval_s=1e9).start()
+    engines = []
+    yield clock, runner, control, lambda *a: engines.append(start(*a)) or engines[-1]
+    for e in engines:
+        e.shutdown()
+
+
+def submit(engine, tok, **body):
+    req = parse_request({"prompt": "Hello there", **body})
+    return engine.submit(req, [tok.encode(p) for p in req.prompts])
+
+
+def test_a_request_completes(rig, tok):
+    _, runner, _, start = rig
+    handle = submit(start(), tok, max_tokens=5, temperature=0)
+    [result] = handle.result()
+    assert result.generated == (WORD,) * 5 and result.finish_reason == "length"
+
+
+def test_timeout_is_504_and_frees_the_slot(rig, tok):
+    clock, runner, _, start = rig
+    engine = start(1, 1)  # one slot: the next request runs only if the timed-out one freed it
+
+    def slow(n):  # the third step "takes" 11 s of the 10 s budget
+        if n == 3:
+            clock.now += 11
+    runner.on_step = slow
+    with pytest.raises(EngineError) as e:
+        submit(engine, tok, max_tokens=100, temperature=0).result()
+    assert e.value.status == 504
+    runner.on_step = lambda n: None
+    assert submit(engine, tok, max_tokens=2, temperature=0).result()[0].generated == (WORD,) * 2
+
+
+def test_cancel_is_499_and_the_rest_go_on(rig, tok):
+    _, runner, _, start = rig
+    engine = start()
+    handles = {}
+
+    def cancel_first(n):
+        if n == 3:
+            engine.cancel(handles["gone"])
+    runner.on_step = cancel_first
+    handles["gone"] = submit(engine, tok, max_tokens=50, temperature=0)
+    stays = submit(engine, tok, max_tokens=50, temperature=0)
+    with pytest.raises(EngineError) as e:
+        handles["gone"].result()
+    assert e.value.status == 499
+    assert len(stays.result()[0].generated) == 50
+
+
+def test_out_of_memory_fails_the_batch_not_the_server(rig, tok):
+    _, runner, _, start = rig
+    engine = start()
+
+    def oom(n):
+        if n == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (scripted)")
+    runner.on_step = oom
+    with pytest.raises(EngineError) as e:
+        submit(engine, tok, max_tokens=3).result()
+    assert (e.value.status, e.value.code) == (503, "out_of_memory")
+    assert engine.ready and engine.stats.batches_failed == 1
+    assert len(submit(engine, tok, max_tokens=3).result()[0].generated) == 3
+
+
+def test_a_dead_rank_fails_everything_and_stays_down(rig, tok):
+    _, runner, control, start = rig
+    engine = start(2)
+
+    def kill(n):
+        if n == 2:
+            control.fail = RuntimeError("Connection reset by peer (rank 1)")
+    runner.on_step = kill
+    with pytest.raises(EngineError) as e:
+        submit(engine, tok, max_tokens=20).result()
+    assert e.value.status == 503 and "Connection reset" in str(e.value)
+    assert not engine.ready and "rank 1" in engine.failure
+    with pytest.raises(EngineError, match="not ready"):
+        submit(engine, tok, max_tokens=1)
+
+
+def test_routes_over_the_scripted_engine(rig, tok):
+    _, _, control, start = rig
+    engine = start()
+    app = create_app(Service(engine=engine, tokenizer=tok, limits=DEFAULTS, model_name="t"))
+    client = app.test_client()
+    r = client.post("/completions", json={"prompt": "Hi", "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200
+    assert r.json["choices"][0]["text"] == tok.decode([WORD] * 3)
+    r = client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 3, "n": 99})
+    assert r.status_code == 400 and r.json["error"]["param"] == "n"
+    assert client.get("/readyz").status_code == 200
+    engine.fail("scripted failure")
+    assert client.get("/readyz").status_code == 503
+    r = client.post("/completions", json={"prompt": "Hi"})
+    assert r.status_code == 503 and r.json["error"]["code"] == "not_ready"
