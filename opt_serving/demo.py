@@ -28,7 +28,7 @@ from reshard.core import reshard
 from reshard.inspect import format_report, inspect_path
 from reshard.verify import verify
 
-from .checkpoint import synthetic
+from .testing import synthetic
 from .config import get_preset
 from .distributed import free_port
 

@@ -31,7 +31,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 STEPS = (("mp1", 8), ("mp8", 2), ("mp2", 1))  # (input folder, output degree)
 
@@ -46,7 +45,7 @@ def generate(path: Path, model: str, seed: int) -> dict:
 
     import torch
 
-    from opt_serving.checkpoint import synthetic
+    from opt_serving.testing import synthetic
     from opt_serving.config import get_preset
     from opt_serving.split_rules import Split, rule_for
 

@@ -34,15 +34,13 @@ import requests
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
 
-from opt_serving.checkpoint import synthetic  # noqa: E402
+from opt_serving.testing import synthetic  # noqa: E402
 from opt_serving.checkpoint.loading import load_model  # noqa: E402
 from opt_serving.config import DICT_SIZE, get_preset  # noqa: E402
-from opt_serving.hf_twin import hf_twin  # noqa: E402
+from opt_serving.testing.hf_twin import hf_twin  # noqa: E402
 from opt_serving.model import KVCache  # noqa: E402
-from server_helpers import ServerProcess  # noqa: E402
+from opt_serving.testing.server_process import ServerProcess  # noqa: E402
 
 CLIENTS, TOKENS, REQUESTS_PER_CLIENT = 16, 64, 2
 WINDOW_S = 0.1

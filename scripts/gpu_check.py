@@ -13,11 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from opt_serving.config import DICT_SIZE, get_preset  # noqa: E402
 from opt_serving.model import KVCache, OPTModel, init_random  # noqa: E402
@@ -84,7 +82,7 @@ def main(argv=None) -> int:
                 rate = _decode_rate(model, batch, args.steps, dtype)
                 print(f"{'':15s} decode batch {batch:2d}: {rate:8.0f} tokens/s")
         try:
-            from opt_serving.hf_twin import hf_twin
+            from opt_serving.testing.hf_twin import hf_twin
 
             hf = hf_twin(ref).to("cuda", torch.float16)
             theirs = hf(tokens.cuda()).logits[..., :DICT_SIZE].float().cpu()

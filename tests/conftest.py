@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opt_serving.checkpoint import synthetic
+from opt_serving.testing import synthetic
 from opt_serving.config import get_preset
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from opt_serving.checkpoint import synthetic, torch_file
+from opt_serving.checkpoint import torch_file
+from opt_serving.testing import synthetic
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import model_config, open_parts
 from opt_serving.testing.crafted import Ops, write_zip

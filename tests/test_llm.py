@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opt_serving import LLM
-from opt_serving.hf_twin import hf_twin
+from opt_serving.testing.hf_twin import hf_twin
 from paths import ASSETS
 
 PROMPTS = ["Person 1: Hi! How are you today?", [5, 3093, 76, 12, 9]]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from opt_serving.config import DICT_SIZE, PRESETS, get_preset
-from opt_serving.hf_twin import hf_twin
+from opt_serving.testing.hf_twin import hf_twin
 from opt_serving.model import KVCache, OPTModel, init_random
 
 transformers = pytest.importorskip("transformers")

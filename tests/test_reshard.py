@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from opt_serving import tensor_parallel
-from opt_serving.checkpoint import synthetic
+from opt_serving.testing import synthetic
 from opt_serving.config import get_preset
 from opt_serving.model import Comm, OPTModel
 from reshard.cli import main

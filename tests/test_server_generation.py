@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from opt_serving.config import DICT_SIZE
-from opt_serving.hf_twin import hf_twin
+from opt_serving.testing.hf_twin import hf_twin
 
 PROMPT = "Person 1: Hi! How are you today?"
 

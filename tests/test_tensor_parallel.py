@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from opt_serving.checkpoint import synthetic
+from opt_serving.testing import synthetic
 from opt_serving.config import get_preset
 from opt_serving.selfcheck import tp_logits
 from reshard.core import reshard

@@ -40,7 +40,7 @@ from .app import Service, create_app
 from .engine import Engine
 from .scheduler import Scheduler
 from .wsgi import create_server
-from .worker import Control, ModelRunner, worker_loop
+from .ranks import Control, ModelRunner, worker_loop
 
 log = logging.getLogger("opt_serve")
 EXIT_FAILED = 3  # a rank died or the engine failed while serving

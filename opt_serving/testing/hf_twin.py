@@ -7,7 +7,7 @@ speed. It is a test-only dependency, imported here on first use.
 
 from __future__ import annotations
 
-from .model import OPTModel
+from ..model import OPTModel
 
 
 def hf_twin(model: OPTModel):

@@ -14,7 +14,7 @@ import torch
 
 from ..config import OPTConfig
 from ..split_rules import Split, rule_for, shard, unfuse_kvq
-from .metaseq import part_metadata
+from ..checkpoint.metaseq import part_metadata
 
 
 def random_state(cfg: OPTConfig, seed: int = 0, dtype: torch.dtype = torch.float32,

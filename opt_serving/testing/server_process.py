@@ -1,0 +1,86 @@
+"""A real ``opt-serve`` subprocess on a free loopback port, for the tests and benchmarks."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import requests
+
+REPO = Path(__file__).resolve().parents[2]
+URL_RE = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
+WORKER_RE = re.compile(r"worker rank (\d+) pid (\d+)")
+# 32 slots of 512 positions: the concurrency tests fit in one running batch.
+SERVER_ARGS = ("--kv-tokens", "16384", "--max-seq-len", "512", "--device", "cpu")
+
+
+class ServerProcess:
+    """``python -m opt_serving.server.cli ... --port 0``; waits for the start-up line."""
+
+    def __init__(self, *args: str, assets: str | os.PathLike | None = None,
+                 start_timeout: float = 90.0, launcher: tuple = ()):
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        assets_args = ("--assets", str(assets)) if assets else ()
+        self.proc = subprocess.Popen(
+            [sys.executable, *launcher, "-m", "opt_serving.server.cli", "--port", "0",
+             *assets_args, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, errors="replace")
+        self.lines: list[str] = []
+        self.url: str | None = None
+        self.worker_pids: dict[int, int] = {}
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(start_timeout) or self.url is None:
+            self.stop()
+            raise RuntimeError("opt-serve did not start:\n" + self.log())
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            if m := WORKER_RE.search(line):
+                self.worker_pids[int(m.group(1))] = int(m.group(2))
+            if m := URL_RE.search(line):
+                self.url = m.group(1)
+                self._ready.set()
+        self._ready.set()  # exited
+
+    def log(self) -> str:
+        return "\n".join(self.lines[-80:])
+
+    def post(self, path: str, body=None, *, data: bytes | None = None, headers=None,
+             timeout: float = 60.0) -> requests.Response:
+        return requests.post(self.url + path, json=body if data is None else None, data=data,
+                             headers=headers, timeout=timeout)
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(self.url + path, timeout=kw.pop("timeout", 10.0), **kw)
+
+    def metric(self, name: str) -> float:
+        for line in self.get("/metrics").text.splitlines():
+            if line.startswith(name + " ") or line.startswith(name + "{"):
+                return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
+    def wait_for(self, predicate, timeout: float = 10.0, interval: float = 0.02) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(interval)
+        return False
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
