@@ -17,6 +17,7 @@ import functools
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -200,7 +201,11 @@ def _write(view: GlobalView, parts: list, cfg, mp: int, out: Path, out_dtype: to
                          qkv_layout="kvq" if qkv_out == "fused" else "separate")
 
     # A fresh name: nothing that already exists (an input, say) is ever removed as staging.
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    except OSError as e:  # name the folder asked for, not the staging name we made up
+        raise CheckpointError(str(out), f"cannot be written ({e.strerror})", "choose an "
+                              "--output-dir in a folder you may write to") from None
     umask = os.umask(0)
     os.umask(umask)
     staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would become the output folder's mode
@@ -234,20 +239,26 @@ def _write(view: GlobalView, parts: list, cfg, mp: int, out: Path, out_dtype: to
         if not e.path.startswith(str(staging)):
             raise
         # A write failed (disk full): name the file the user asked for, not the staging one.
-        raise CheckpointError(str(out / Path(e.path).relative_to(staging)), e.problem,
+        raise CheckpointError(str(_user_path(out, staging, e.path)), e.problem,
                               e.fix) from None
     except OSError as e:
         shutil.rmtree(staging, ignore_errors=True)
         for attr in ("filename", "filename2"):
             name = getattr(e, attr)
             if name and str(name).startswith(str(staging)):
-                setattr(e, attr, str(out / Path(name).relative_to(staging)))
+                setattr(e, attr, str(_user_path(out, staging, name)))
         raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return ReshardResult(out, manifest_parts, seconds, sum(p["bytes"] for p in manifest_parts),
                          cfg.name, view.n, mp)
+
+
+def _user_path(out: Path, staging: Path, name: str | os.PathLike) -> Path:
+    """The path the user asked for of a file in the staging folder: the staging folder's and
+    the writer's temporary names (".partial-<pid>") are ours, not theirs."""
+    return out / re.sub(r"\.partial-\d+$", "", str(Path(name).relative_to(staging)))
 
 
 def _stream(view: GlobalView, names: list, specs: list[dict], writers: list[CheckpointWriter],

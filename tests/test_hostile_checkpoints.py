@@ -289,18 +289,30 @@ def test_a_signal_mid_write_leaves_nothing_behind(tmp_path, signum):
     assert not (tmp_path / "new").exists()  # the folders this run created are gone too
 
 
-def test_write_errors_name_the_output_not_the_staging_file(tmp_path, tiny_cfg, tiny_state):
+# An error while writing: the file-size limit (disk full, as the writer reports it) and the
+# open-file limit (an OSError naming the file the writer was opening).
+LIMITS = {
+    "fsize": "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))",
+    "nofile": "import os; n = len(os.listdir('/proc/self/fd')) + 3\n"
+              "resource.setrlimit(resource.RLIMIT_NOFILE, (n, resource.getrlimit("
+              "resource.RLIMIT_NOFILE)[1]))",
+}
+
+
+@pytest.mark.parametrize("limit", LIMITS)
+def test_write_errors_name_the_output_not_the_staging_file(tmp_path, tiny_cfg, tiny_state,
+                                                           limit):
     src = tmp_path / "consolidated.pt"
     synthetic.write_consolidated(src, tiny_cfg, tiny_state)
     script = ("import resource, signal, sys\n"
               "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
-              "resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, resource.RLIM_INFINITY))\n"
               "from reshard.cli import main\n"
+              f"{LIMITS[limit]}\n"
               "sys.exit(main(sys.argv[1:]))")
-    out = subprocess.run([sys.executable, "-c", script, "--mp", "1", str(src), "--no-progress",
-                          "--output-dir", str(tmp_path / "mp1")], capture_output=True,
+    out = subprocess.run([sys.executable, "-c", script, "--mp", "8", str(src), "--no-progress",
+                          "--output-dir", str(tmp_path / "mp8")], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 2, out.stderr
-    assert str(tmp_path / "mp1" / "reshard-model_part-0.pt") in out.stderr
+    assert str(tmp_path / "mp8" / "reshard-model_part-") in out.stderr
     assert ".partial" not in out.stderr and "Traceback" not in out.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["consolidated.pt"]
