@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from .config import OPTConfig
 from .gpus import GIB, GPU
-from .split_rules import rule_for, sharded_shape
+from .split_rules import is_buffer, rule_for, sharded_shape
 
 # CUDA context (0.3-0.5 GiB), NCCL buffers and allocator fragmentation: memory the framework
 # never sees as tensors (vLLM profiles it as "non-torch memory").
@@ -118,7 +118,7 @@ def weight_bytes_per_gpu(cfg: OPTConfig, mp: int, dtype: DType) -> int:
     """
     total = 0
     for name, shape in cfg.param_shapes().items():
-        if name == "decoder.version":  # a one-element buffer, not a parameter
+        if is_buffer(name):
             continue
         local = sharded_shape(rule_for(name), shape, mp)
         n = math.prod(local)

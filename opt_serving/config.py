@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from opt_serving.split_rules import is_buffer
+
 # metaseq pads its 50265-symbol dictionary to a multiple of 8: ids 50265..50271 are
 # "madeupword" padding symbols that must never be produced.
 VOCAB_SIZE = 50272
@@ -117,10 +119,10 @@ class OPTConfig:
         return shapes
 
     def param_count(self) -> int:
-        """Parameters (not buffers): decoder.version is a buffer."""
+        """Parameters (not buffers: decoder.version)."""
         total = 0
         for name, shape in self.param_shapes().items():
-            if name == "decoder.version":
+            if is_buffer(name):
                 continue
             n = 1
             for s in shape:

@@ -83,3 +83,28 @@ def unfuse_kvq(qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     """Global fused [K; V; Q] -> (k, v, q)."""
     k, v, q = qkv.chunk(3, dim=0)
     return k, v, q
+
+
+# -- metaseq's layout conventions, in one place ----------------------------------------------
+
+FUSED_ORDER = "kvq"  # fused qkv_proj rows are [K; V; Q] (per rank in model-parallel parts)
+BUFFERS = frozenset({"decoder.version"})  # one-element fp32 buffers, not parameters
+
+
+def separate_names(fused: str) -> list[str]:
+    """``...self_attn.qkv_proj.weight`` -> the k_proj, v_proj, q_proj names, in fused order."""
+    return [fused.replace("qkv_proj", f"{x}_proj") for x in FUSED_ORDER]
+
+
+def third_shape(fused_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of one of k, v, q in a fused tensor of ``fused_shape``."""
+    return (fused_shape[0] // 3, *fused_shape[1:])
+
+
+def is_buffer(name: str) -> bool:
+    return name in BUFFERS
+
+
+def stored_dtype(name: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor is written and loaded in: buffers stay fp32 whatever ``dtype``."""
+    return torch.float32 if name in BUFFERS else dtype

@@ -35,7 +35,8 @@ from opt_serving.checkpoint.formats import dtype_name, open_parts
 from opt_serving.checkpoint.metaseq import part_metadata
 from opt_serving.checkpoint.writer import CheckpointWriter, TensorSpec
 from opt_serving.config import DTYPES, closest_preset
-from opt_serving.split_rules import Split, rule_for, sharded_shape
+from opt_serving.split_rules import (FUSED_ORDER, Split, rule_for, separate_names,
+                                     sharded_shape, stored_dtype, third_shape)
 
 ASSETS = tuple(ASSET_FILES)  # the tokenizer files copied along when they sit beside the input
 MANIFEST_FORMAT = "opt-serving-reshard/1"
@@ -121,8 +122,7 @@ def _output_names(view: GlobalView, qkv_out: str) -> list[tuple[str, str, int | 
     out = []
     for name in view.names():
         if qkv_out == "separate" and rule_for(name) is Split.QKV:
-            base = name.replace("qkv_proj", "{}_proj")
-            out += [(base.format(x), name, i) for i, x in enumerate("kvq")]
+            out += [(sub, name, i) for i, sub in enumerate(separate_names(name))]
         else:
             out.append((name, name, None))
     return out
@@ -191,14 +191,14 @@ def _write(view: GlobalView, parts: list, cfg, mp: int, out: Path, out_dtype: to
     for r in range(mp):
         model = collections.OrderedDict()
         for i, (oname, gname, third) in enumerate(names):
-            shape = shapes[gname] if third is None else (shapes[gname][0] // 3, *shapes[gname][1:])
+            shape = shapes[gname] if third is None else third_shape(shapes[gname])
             model[oname] = TensorSpec(str(i), sharded_shape(rule_for(oname), shape, mp),
-                                      torch.float32 if oname == "decoder.version" else out_dtype)
+                                      stored_dtype(oname, out_dtype))
         specs.append(model)
     origin = ", ".join(os.path.basename(f) for f in input_files[:4]) + (
         f" (+{len(input_files) - 4} more)" if len(input_files) > 4 else "")
     meta = part_metadata(parts[0].ckpt, cfg, mp, origin=origin,
-                         qkv_layout="kvq" if qkv_out == "fused" else "separate")
+                         qkv_layout=FUSED_ORDER if qkv_out == "fused" else "separate")
 
     # A fresh name: nothing that already exists (an input, say) is ever removed as staging.
     try:
@@ -224,7 +224,7 @@ def _write(view: GlobalView, parts: list, cfg, mp: int, out: Path, out_dtype: to
         seconds = time.perf_counter() - started
         manifest = {
             "format": MANIFEST_FORMAT, "mp": mp, "dtype": dtype_name(out_dtype),
-            "qkv_layout": "kvq" if qkv_out == "fused" else "separate",
+            "qkv_layout": FUSED_ORDER if qkv_out == "fused" else "separate",
             "model": {"preset": closest_preset(cfg).name, **cfg.__dict__},
             "source": {"files": [os.path.abspath(f) for f in input_files], "mp": view.n,
                        "kind": parts[0].kind, "dtype": dtype_name(view.dtype)},

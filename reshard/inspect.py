@@ -15,6 +15,7 @@ from opt_serving.checkpoint.assemble import saved_layout
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import PART_RE, Part, discover, dtype_name, model_config
 from opt_serving.config import closest_preset, same_shape
+from opt_serving.split_rules import is_buffer
 
 from .core import ASSETS
 from .manifest import ManifestError, read_manifest
@@ -83,8 +84,7 @@ def inspect_path(path: str) -> dict:
     else:
         qkv = "per-rank [K_r; V_r; Q_r] (metaseq's model-parallel order)"
 
-    dtypes = sorted({dtype_name(t.dtype) for name, t in lazy.items()
-                     if name != "decoder.version"})
+    dtypes = sorted({dtype_name(t.dtype) for name, t in lazy.items() if not is_buffer(name)})
     all_files = [f for shards in files for f in shards]
     folder = Path(first).parent
     report = {

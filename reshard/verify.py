@@ -18,7 +18,7 @@ from tqdm import tqdm
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import Part, discover, model_config, open_part
 from opt_serving.config import same_shape
-from opt_serving.split_rules import Split, rule_for, sharded_shape
+from opt_serving.split_rules import Split, rule_for, separate_names, sharded_shape, third_shape
 
 from .core import MANIFEST_FORMAT
 from .manifest import ManifestError, read_manifest
@@ -33,9 +33,8 @@ def _expected(cfg, separate: bool, world: int) -> dict[str, tuple[int, ...]]:
     out = {}
     for name, shape in cfg.param_shapes().items():
         if separate and rule_for(name) is Split.QKV:
-            for x in "kvq":
-                sub = name.replace("qkv_proj", f"{x}_proj")
-                out[sub] = sharded_shape(rule_for(sub), (shape[0] // 3, *shape[1:]), world)
+            for sub in separate_names(name):
+                out[sub] = sharded_shape(rule_for(sub), third_shape(shape), world)
         else:
             out[name] = sharded_shape(rule_for(name), shape, world)
     return out

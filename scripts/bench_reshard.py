@@ -47,22 +47,22 @@ def generate(path: Path, model: str, seed: int) -> dict:
 
     from opt_serving.testing import synthetic
     from opt_serving.config import get_preset
-    from opt_serving.split_rules import Split, rule_for
+    from opt_serving.split_rules import (Split, is_buffer, rule_for, separate_names,
+                                         third_shape)
 
     cfg = get_preset(model)
     gen = torch.Generator().manual_seed(seed)
     state = collections.OrderedDict()
     largest = 0
     for name, shape in cfg.param_shapes().items():
-        if name == "decoder.version":
+        if is_buffer(name):
             state[name] = torch.tensor([3.0])
             continue
         largest = max(largest, 2 * torch.Size(shape).numel())
         if rule_for(name) is Split.QKV:  # separate k, v, q: the layout of consolidated.pt
-            for x in "kvq":
-                state[name.replace("qkv_proj", f"{x}_proj")] = torch.empty(
-                    (shape[0] // 3, *shape[1:]), dtype=torch.float16).normal_(0, 0.02,
-                                                                             generator=gen)
+            for sub in separate_names(name):
+                state[sub] = torch.empty(third_shape(shape), dtype=torch.float16).normal_(
+                    0, 0.02, generator=gen)
         else:
             state[name] = torch.empty(shape, dtype=torch.float16).normal_(0, 0.02,
                                                                            generator=gen)

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from ..config import OPTConfig
-from ..split_rules import Split, rule_for, sharded_shape, split_dim
+from ..split_rules import (FUSED_ORDER, Split, rule_for, separate_names, sharded_shape,
+                           split_dim)
 from .errors import CheckpointError
 from .formats import Part, model_config
 
 # alloc(shape, dtype) -> a tensor to write a piece into (the resharder reuses its buffers).
 Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
-_QKV = re.compile(r"(decoder\.layers\.\d+\.self_attn\.)qkv_proj\.(weight|bias)\Z")
 
 
 @dataclass(frozen=True)
@@ -37,7 +37,7 @@ class QKVLayout:
 
     @classmethod
     def parse(cls, text: str) -> "QKVLayout":
-        if text in ("global", "kvq"):
+        if text in ("global", FUSED_ORDER):
             return cls(1)
         m = re.fullmatch(r"concat:(\d+)", text)
         if not m or int(m[1]) < 1:
@@ -49,7 +49,7 @@ def saved_layout(part: Part) -> QKVLayout | None:
     """The layout recorded by this tool (extra_state), or implied by a degree-1 cfg."""
     extra = part.ckpt.get("extra_state")
     if isinstance(extra, dict) and isinstance(extra.get("reshard"), dict):
-        if extra["reshard"].get("qkv_layout") == "kvq":
+        if extra["reshard"].get("qkv_layout") == FUSED_ORDER:
             return QKVLayout(1)
     cfg = part.ckpt.get("cfg")
     model_cfg = cfg.get("model") if isinstance(cfg, dict) else part.ckpt.get("args")
@@ -88,9 +88,8 @@ class GlobalView:
         return list(self.cfg.param_shapes())
 
     def _input_names(self, name: str) -> list[str]:
-        m = _QKV.match(name)
-        if m and self.separate:
-            return [f"{m[1]}{x}_proj.{m[2]}" for x in "kvq"]
+        if self.separate and rule_for(name) is Split.QKV:
+            return separate_names(name)
         return [name]
 
     def _check(self) -> None:
@@ -139,9 +138,8 @@ class GlobalView:
 
     def _thirds(self, name: str) -> list[list[torch.Tensor]]:
         """K, V and Q of a qkv tensor, each as consecutive row blocks (one per input rank)."""
-        m = _QKV.match(name)
         if self.separate:
-            return [self._pieces(f"{m[1]}{x}_proj.{m[2]}") for x in "kvq"]
+            return [self._pieces(sub) for sub in separate_names(name)]
         pieces = self._pieces(name)
         if self.n == 1 and self.qkv_layout.chunks > 1:  # [K_0; V_0; Q_0; K_1; ...] in one file
             pieces = list(pieces[0].chunk(self.qkv_layout.chunks, dim=0))

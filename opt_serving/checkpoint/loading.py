@@ -12,6 +12,7 @@ import torch
 from .. import tensor_parallel
 from ..config import OPTConfig
 from ..model import SINGLE, Comm, OPTModel
+from ..split_rules import stored_dtype
 from .assemble import GlobalView, QKVLayout
 from .formats import model_config, open_parts
 
@@ -36,7 +37,7 @@ def load_model(checkpoint: str | list[str], *, comm: Comm = SINGLE,
     else:  # other degree, FSDP shards, separate q/k/v: cut this rank's pieces on the fly
         state = {n: view.piece(n, comm.rank, comm.size).contiguous() for n in view.names()}
     target = dtype or state["decoder.embed_tokens.weight"].dtype
-    state = {n: t.to(device=device, dtype=torch.float32 if n == "decoder.version" else target)
+    state = {n: t.to(device=device, dtype=stored_dtype(n, target))
              for n, t in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval(), cfg

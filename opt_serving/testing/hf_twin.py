@@ -8,6 +8,7 @@ speed. It is a test-only dependency, imported here on first use.
 from __future__ import annotations
 
 from ..model import OPTModel
+from ..split_rules import is_buffer, separate_names, unfuse_kvq
 
 
 def hf_twin(model: OPTModel):
@@ -23,11 +24,11 @@ def hf_twin(model: OPTModel):
         activation_function="relu", pad_token_id=1, bos_token_id=2, eos_token_id=2)).eval()
     state = {}
     for name, t in model.state_dict().items():
-        if name == "decoder.version":
+        if is_buffer(name):
             continue
         if "qkv_proj" in name:
-            for x, piece in zip("kvq", t.chunk(3)):
-                state["model." + name.replace("qkv_proj", f"{x}_proj")] = piece
+            for sub, piece in zip(separate_names(name), unfuse_kvq(t)):
+                state["model." + sub] = piece
         else:
             state["model." + name.replace("decoder.layer_norm", "decoder.final_layer_norm")] = t
     state["lm_head.weight"] = model.state_dict()["decoder.embed_tokens.weight"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import OPTConfig
-from ..split_rules import Split, rule_for, shard, unfuse_kvq
+from ..split_rules import Split, is_buffer, rule_for, separate_names, shard, unfuse_kvq
 from ..checkpoint.metaseq import part_metadata
 
 
@@ -23,7 +23,7 @@ def random_state(cfg: OPTConfig, seed: int = 0, dtype: torch.dtype = torch.float
     gen = torch.Generator().manual_seed(seed)
     state = collections.OrderedDict()
     for name, shape in cfg.param_shapes().items():
-        if name == "decoder.version":
+        if is_buffer(name):
             state[name] = torch.tensor([3.0])
         elif "layer_norm" in name and name.endswith("weight"):
             state[name] = (1.0 + std * torch.randn(shape, generator=gen)).to(dtype)
@@ -37,8 +37,8 @@ def separate_qkv(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = collections.OrderedDict()
     for name, t in state.items():
         if rule_for(name) is Split.QKV:
-            for x, piece in zip("kvq", unfuse_kvq(t)):
-                out[name.replace("qkv_proj", f"{x}_proj")] = piece.clone()
+            for sub, piece in zip(separate_names(name), unfuse_kvq(t)):
+                out[sub] = piece.clone()
         else:
             out[name] = t
     return out
@@ -78,7 +78,7 @@ def _fsdp_groups(state: dict) -> list[tuple[str, list[str]]]:
     """FSDP wraps each layer; the root holds embeddings and the final layer norm."""
     groups: dict[str, list[str]] = collections.OrderedDict([("", [])])
     for name in state:
-        if name == "decoder.version":
+        if is_buffer(name):
             continue
         if name.startswith("decoder.layers."):
             i = name.split(".")[2]
