@@ -1,10 +1,11 @@
 """HTTP client for a metaseq-compatible completions API (opt-serve or metaseq-api-local).
 
 ParlAI's client has no timeout and retries forever on anything but a 200 JSON answer (ParlAI
-#4745). This one bounds everything: a deadline per request (headers and body together), a bounded number of retries with
-exponential backoff (each in the calling thread, so one call backing off never delays another
-in flight), no retry on answers that will not change (4xx other than 408/429), and errors that
-say which URL failed and why.
+#4745). This one bounds everything: a deadline per request (headers and body together), a
+bounded number of retries with exponential backoff (each in the calling thread, so one call
+backing off never delays another in flight), no retry on answers that will not change (4xx
+other than 408/429), and errors that say which URL failed and why. Bodies are read with the
+wire protocol's own reader (``opt_serving.protocol``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 
 import requests
 from requests.adapters import HTTPAdapter
+
+from opt_serving.protocol import first_text
 from urllib3.connection import HTTPConnection, HTTPSConnection
 from urllib3.connectionpool import HTTPConnectionPool, HTTPSConnectionPool
 
@@ -218,13 +221,9 @@ def _cut_off(session: requests.Session, thread: int) -> None:
 def parse_completion(body: object, url: str = "") -> str:
     """The text of the first choice of a completions response."""
     try:
-        text = body["choices"][0]["text"]  # type: ignore[index]
-    except (KeyError, IndexError, TypeError):
-        raise CompletionsError(f"{url} answered JSON without choices[0].text: "
-                               f"{json.dumps(body)[:200]}", url=url) from None
-    if not isinstance(text, str):
-        raise CompletionsError(f"{url} answered a non-string choices[0].text", url=url)
-    return text
+        return first_text(body)
+    except ValueError as exc:
+        raise CompletionsError(f"{url} answered {exc}", url=url) from None
 
 
 def make_session(pool_size: int) -> requests.Session:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agents.tokens import TokenCounter
+from opt_serving.protocol import completion_body
 
 SDM, MDM, MGM, SGM = "sdm", "mdm", "mgm", "sgm"
 CKM, MKM, SKM, SRM, ORM = "ckm", "mkm", "skm", "srm", "orm"
@@ -52,15 +53,14 @@ class Decoding:
     alpha_frequency_src: float = 0
 
     def payload(self, prompt: str, src_penalty_end_idx: int = -1) -> dict:
-        return {
-            "prompt": prompt, "min_tokens": self.min_tokens, "max_tokens": self.max_tokens,
-            "best_of": 1, "top_p": self.top_p, "stop": "\n", "temperature": self.temperature,
-            "echo": False, "lambda_decay": self.lambda_decay, "omega_bound": self.omega_bound,
-            "alpha_presence": self.alpha_presence, "alpha_frequency": self.alpha_frequency,
-            "alpha_presence_src": self.alpha_presence_src,
-            "alpha_frequency_src": self.alpha_frequency_src,
-            "alpha_src_penalty_end_idx": src_penalty_end_idx,
-        }
+        return completion_body(
+            prompt, min_tokens=self.min_tokens, max_tokens=self.max_tokens, best_of=1,
+            top_p=self.top_p, stop="\n", temperature=self.temperature, echo=False,
+            lambda_decay=self.lambda_decay, omega_bound=self.omega_bound,
+            alpha_presence=self.alpha_presence, alpha_frequency=self.alpha_frequency,
+            alpha_presence_src=self.alpha_presence_src,
+            alpha_frequency_src=self.alpha_frequency_src,
+            alpha_src_penalty_end_idx=src_penalty_end_idx)
 
 
 def _greedy(max_tokens: int, penalty: float = 0) -> Decoding:

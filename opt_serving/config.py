@@ -14,16 +14,9 @@ import torch
 
 from opt_serving.split_rules import is_buffer
 
-# metaseq pads its 50265-symbol dictionary to a multiple of 8: ids 50265..50271 are
-# "madeupword" padding symbols that must never be produced.
-VOCAB_SIZE = 50272
-DICT_SIZE = 50265
-MAX_POSITIONS = 2048
-# Learned positions start at index 2 (fairseq's padding_idx + 1): the table has 2050 rows.
-POSITION_OFFSET = 2
-PAD_ID = 1
-BOS_ID = 0
-EOS_ID = 2
+from opt_serving.vocab import (BOS_ID, DICT_SIZE, EOS_ID, MAX_POSITIONS,  # noqa: F401
+                               PAD_ID, POSITION_OFFSET, VOCAB_SIZE)
+
 # The dtypes the command-line tools accept, by the names they use.
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -25,7 +25,7 @@ from constants import DEFAULTS
 
 from . import distributed
 from .server.handles import chosen, choice
-from .server.schema import ChoiceResult, parse_request
+from .protocol import ChoiceResult, parse_request
 from .server.serve import (ServeOptions, StartupError, prepare, spawn_workers, start_engine,
                            stop_workers)
 

@@ -9,46 +9,17 @@ tokens before min_tokens; the reported log-probs are the log-softmax of those pr
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import secrets
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from opt_serving.config import DICT_SIZE, EOS_ID
+from opt_serving.protocol import SamplingParams  # noqa: F401 - the options the rows use
 
 # Factual nucleus restarts its decay at the start of a sentence: after ".", "?" and "!".
 SENTENCE_END_IDS = frozenset({4, 116, 328})
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding options (the contract's defaults)."""
-
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # <= 0 = greedy (ParlAI sends -1)
-    top_k: int = 0  # 0 = off
-    lambda_decay: float = -1.0  # <= 0 = factual nucleus off
-    omega_bound: float = 0.3
-    alpha_presence: float = 0.0
-    alpha_frequency: float = 0.0
-    alpha_presence_src: float = 0.0
-    alpha_frequency_src: float = 0.0
-    alpha_src_penalty_end_idx: int = -1  # < 0 = the whole prompt
-    min_tokens: int = 0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_p <= 0
-
-    def seeded(self) -> "SamplingParams":
-        """With a concrete seed, drawn once on rank 0 so every rank samples the same."""
-        if self.seed is not None:
-            return self
-        return dataclasses.replace(self, seed=secrets.randbits(63))
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Sequence
 
 from tokenizers import ByteLevelBPETokenizer
 
-from opt_serving.config import DICT_SIZE
+from opt_serving.vocab import DICT_SIZE
 
 VOCAB_FILE = "gpt2-vocab.json"
 MERGES_FILE = "gpt2-merges.txt"
@@ -92,17 +92,6 @@ def _byte_decoder() -> dict[str, int]:
 def normalize(text: str) -> str:
     """metaseq's prompt clean-up: Windows and old-Mac newlines become ``\\n``."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
-
-
-def char_offsets(pieces: Sequence[bytes]) -> list[int]:
-    """Character offset of each piece in ``b"".join(pieces).decode()``: the number of
-    characters that begin before it (a piece starting inside a character points past it)."""
-    offsets, chars = [], 0
-    for piece in pieces:
-        offsets.append(chars)
-        # Every byte except UTF-8 continuation bytes (0b10xxxxxx) starts a character.
-        chars += sum(1 for b in piece if b & 0xC0 != 0x80)
-    return offsets
 
 
 class Tokenizer:

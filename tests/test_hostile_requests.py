@@ -19,7 +19,7 @@ from opt_serving.server.app import Service, create_app
 from opt_serving.server.engine import Engine
 from opt_serving.server.handles import EngineError
 from opt_serving.server.scheduler import Scheduler
-from opt_serving.server.schema import parse_request
+from opt_serving.protocol import parse_request
 from opt_serving.server.ranks import Control, ModelRunner
 
 # -- 11. numbers the arithmetic cannot hold ---------------------------------------------------

@@ -21,7 +21,7 @@ import pytest
 import parlai_standin as standin
 from constants import DEFAULTS
 from loopback import ROOT, safe_interactive
-from opt_serving.server.schema import parse_request
+from opt_serving.protocol import parse_request
 from paths import ASSETS, real_assets
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "parlai").glob("*.json"))

@@ -6,7 +6,7 @@ from hypothesis import given, settings, strategies as st
 from opt_serving.config import EOS_ID
 from opt_serving.server.scheduler import (
     FINISHED, RUNNING, WAITING, QueueFull, Scheduler, fit_prompt)
-from opt_serving.server.schema import RequestError
+from opt_serving.protocol import RequestError
 
 
 def make(**kw) -> Scheduler:

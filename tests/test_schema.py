@@ -7,7 +7,7 @@ import pytest
 
 from constants import DEFAULTS, from_module
 from opt_serving.sampling import SamplingParams
-from opt_serving.server.schema import (
+from opt_serving.protocol import (
     SSE_DONE, ChoiceResult, RequestError, build_choice, metaseq_response, openai_response,
     parse_body, parse_request, stream_chunk)
 from opt_serving.tokenizer import Tokenizer, locate_assets
@@ -267,3 +267,27 @@ def test_build_choice_without_echo(tok):
     assert (c.text, c.tokens) == (" Paris.", tuple(tok.decode_token(i) for i in generated))
     assert c.text_offset == tuple(len(tok.decode(generated[:i])) for i in range(len(generated)))
     assert c.top_logprobs is None
+
+
+def test_the_protocol_and_the_agent_import_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; import opt_serving.protocol, agents.bb3, agents.cli; "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_bodies_are_built_and_read_by_the_same_module():
+    from opt_serving.protocol import completion_body, first_text
+
+    body = completion_body("Hi", min_tokens=1, max_tokens=8, top_p=-1.0)
+    assert list(body) == ["prompt", "min_tokens", "max_tokens", "top_p"]  # the order given
+    assert parse_request(body).max_tokens == 8
+    with pytest.raises(ValueError, match="top_kk"):
+        completion_body("Hi", top_kk=3)
+    assert first_text({"choices": [{"text": " yes"}]}) == " yes"
+    with pytest.raises(ValueError, match="without choices"):
+        first_text({"error": "x"})

@@ -10,7 +10,8 @@ import pytest
 from tokenizers import ByteLevelBPETokenizer
 
 from opt_serving import tokenizer as tk
-from opt_serving.tokenizer import AssetError, Tokenizer, char_offsets, check_vocab, locate_assets
+from opt_serving.protocol import char_offsets
+from opt_serving.tokenizer import AssetError, Tokenizer, check_vocab, locate_assets
 from paths import ASSETS, real_assets
 
 TEXTS = ["Person 1: Hi!\nSearch Decision:", " café 😀 naïve — 日本語",

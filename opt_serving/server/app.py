@@ -19,15 +19,15 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from constants import ServiceConstants
-from opt_serving.tokenizer import char_offsets
+
 
 from .engine import Engine
 from .handles import EngineError, RequestHandle, choices_for
 from .metrics import Metrics
 from .scheduler import QueueFull
-from .schema import (SSE_DONE, CompletionRequest, RequestError, error_body, load_body,
-                     metaseq_response, openai_response, parse_body, parse_tokenize, sse,
-                     stream_chunk, top_json)
+from opt_serving.protocol import (SSE_DONE, CompletionRequest, RequestError, char_offsets,
+                                  error_body, load_body, metaseq_response, openai_response,
+                                  parse_body, parse_tokenize, sse, stream_chunk, top_json)
 
 log = logging.getLogger("opt_serve.http")
 METASEQ, OPENAI = "metaseq", "openai"

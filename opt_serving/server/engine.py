@@ -33,7 +33,7 @@ from opt_serving.stopping import StopCriteria, StopStatus, releasable
 
 from .handles import EngineError, RequestHandle, SeqState, timeout_error
 from .scheduler import RUNNING, Scheduler, Seq, StepPlan
-from .schema import CompletionRequest
+from opt_serving.protocol import CompletionRequest
 from .ranks import Control, LogitIndex, ModelRunner, build_work
 
 log = logging.getLogger("opt_serve.engine")

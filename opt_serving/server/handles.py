@@ -19,7 +19,8 @@ import torch
 from opt_serving.sampling import SamplingParams, pick_best
 from opt_serving.stopping import StopCriteria, StopStatus, check
 
-from .schema import ChoiceResult, CompletionRequest, TopK, build_choice, error_body, new_request_id
+from opt_serving.protocol import (ChoiceResult, CompletionRequest, TopK, build_choice, error_body,
+                                  new_request_id)
 
 
 class EngineError(Exception):

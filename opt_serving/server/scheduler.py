@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 from opt_serving.config import EOS_ID
-from opt_serving.server.schema import RequestError
+from opt_serving.protocol import RequestError
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 

@@ -24,7 +24,7 @@ import waitress
 from waitress.channel import HTTPChannel
 from waitress.task import ErrorTask
 
-from .schema import error_body
+from opt_serving.protocol import error_body
 
 CONNECTION_LIMIT = 4096
 _KINDS = {413: "body_too_large", 431: "headers_too_large"}

@@ -1,5 +1,7 @@
-"""The completions wire format: a request parsed once into a typed, validated object, and the
-response bodies (metaseq's shape, OpenAI's shape, server-sent-event chunks, errors).
+"""The completions wire format, torch-free: a request parsed once into a typed, validated
+object, and the response bodies (metaseq's shape, OpenAI's shape, server-sent-event chunks,
+errors). The server parses and renders with it; the BB3 agent builds its bodies and reads the
+answers with it.
 
 Handlers never read raw dict keys. Every bad input raises RequestError, which the HTTP layer
 turns into a 400 with the contract's JSON error shape naming the field (metaseq answered 500).
@@ -10,15 +12,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import secrets
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 from constants import DEFAULTS, ServiceConstants
-from opt_serving.config import DICT_SIZE
-from opt_serving.sampling import SamplingParams
-from opt_serving.tokenizer import char_offsets
+from opt_serving.vocab import DICT_SIZE
 
 Prompt = Union[str, tuple[int, ...]]  # text, or token ids
 SSE_DONE = b"data: [DONE]\n\n"
@@ -30,6 +31,68 @@ KNOWN = frozenset({
     "logprobs", "echo", "stop", "seed", "lambda_decay", "omega_bound", "alpha_presence",
     "alpha_frequency", "alpha_presence_src", "alpha_frequency_src", "alpha_src_penalty_end_idx",
     "presence_penalty", "frequency_penalty", "stream", "model", "user", *UNSUPPORTED})
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """One request's decoding options (the contract's defaults)."""
+
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # <= 0 = greedy (ParlAI sends -1)
+    top_k: int = 0  # 0 = off
+    lambda_decay: float = -1.0  # <= 0 = factual nucleus off
+    omega_bound: float = 0.3
+    alpha_presence: float = 0.0
+    alpha_frequency: float = 0.0
+    alpha_presence_src: float = 0.0
+    alpha_frequency_src: float = 0.0
+    alpha_src_penalty_end_idx: int = -1  # < 0 = the whole prompt
+    min_tokens: int = 0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_p <= 0
+
+    def seeded(self) -> "SamplingParams":
+        """With a concrete seed, drawn once on rank 0 so every rank samples the same."""
+        if self.seed is not None:
+            return self
+        return dataclasses.replace(self, seed=secrets.randbits(63))
+
+
+
+def char_offsets(pieces: Sequence[bytes]) -> list[int]:
+    """Character offset of each piece in ``b"".join(pieces).decode()``: the number of
+    characters that begin before it (a piece starting inside a character points past it)."""
+    offsets, chars = [], 0
+    for piece in pieces:
+        offsets.append(chars)
+        # Every byte except UTF-8 continuation bytes (0b10xxxxxx) starts a character.
+        chars += sum(1 for b in piece if b & 0xC0 != 0x80)
+    return offsets
+
+
+
+def completion_body(prompt: Prompt | Sequence[Prompt], **fields) -> dict:
+    """A completions request body, fields in the order given (ParlAI's order, for clients that
+    must send the same bytes); a name the protocol does not know is a ValueError."""
+    unknown = sorted(set(fields) - KNOWN)
+    if unknown:
+        raise ValueError(f"not completions fields: {', '.join(unknown)}")
+    return {"prompt": prompt, **fields}
+
+
+def first_text(body: Any) -> str:
+    """The text of the first choice of a completions answer (metaseq's or OpenAI's shape);
+    ValueError, saying what came instead, when there is none."""
+    try:
+        text = body["choices"][0]["text"]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"JSON without choices[0].text: {json.dumps(body)[:200]}") from None
+    if not isinstance(text, str):
+        raise ValueError("a non-string choices[0].text")
+    return text
 
 
 def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
