@@ -28,9 +28,9 @@ from reshard.core import reshard
 from reshard.inspect import format_report, inspect_path
 from reshard.verify import verify
 
-from .testing import synthetic
-from .config import get_preset
-from .distributed import free_port
+from opt_serving.testing import synthetic
+from opt_serving.config import get_preset
+from opt_serving.distributed import free_port
 
 CORPUS = {
     "opt.txt": "OPT (Open Pre-trained Transformers) is a suite of decoder-only language models "
@@ -55,11 +55,11 @@ def _speaking_weights(state: dict, assets: Path | None) -> dict:
     the likely outputs. Still gibberish, but legible gibberish.
     """
     if assets is not None:
-        from .tokenizer import Tokenizer
+        from opt_serving.tokenizer import Tokenizer
 
         tok = Tokenizer.from_folder(assets_dir=assets)
     else:
-        from .server.demo_tokenizer import ByteTokenizer
+        from opt_serving.server.demo_tokenizer import ByteTokenizer
 
         tok = ByteTokenizer()
     ids = sorted({i for text in [*CORPUS.values(), *CHAT] for i in tok.encode(" " + text)})
