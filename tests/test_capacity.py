@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
-from opt_serving.capacity import (DTYPES, CapacityError, CapacityRequest, decode_step_seconds,
+from opt_serving.capacity.planner import (DTYPES, CapacityError, CapacityRequest, decode_step_seconds,
                                   get_dtype, kv_bytes_per_token_per_gpu, kv_cache_tokens, plan,
                                   prefill_flops, weight_bytes_per_gpu, workspace)
-from opt_serving.capacity_cli import main
+from opt_serving.capacity.cli import main
 from opt_serving.config import PRESETS
-from opt_serving.gpus import CATALOGUE, GB, GIB, custom_gpu, get_gpu
+from opt_serving.capacity.gpus import CATALOGUE, GB, GIB, custom_gpu, get_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FP16 = DTYPES["fp16"]
@@ -266,7 +266,7 @@ def run_cli(capsys, *argv):
 
 def test_cli_table_in_a_real_process():
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "opt_serving.capacity_cli", "--model",
+    proc = subprocess.run([sys.executable, "-m", "opt_serving.capacity.cli", "--model",
                            "bb3-30b", "--gpu", "a100-40g"], capture_output=True, text=True,
                           env=env, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr

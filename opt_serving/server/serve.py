@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 
 from constants import ServiceConstants
 from opt_serving import distributed
-from opt_serving.capacity import kv_cache_tokens
+from opt_serving.capacity.planner import kv_cache_tokens
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import read_config
 from opt_serving.checkpoint.loading import load_model

@@ -1,6 +1,6 @@
 """``opt-capacity``: will an OPT / BlenderBot-3 model fit these GPUs, and how fast will it be?
 
-The arithmetic lives in ``opt_serving.capacity``; this module parses arguments, prints the
+The arithmetic lives in ``opt_serving.capacity.planner``; this module parses arguments, prints the
 plan as a table (or JSON) and draws the optional chart.
 """
 
@@ -11,10 +11,10 @@ import json
 import sys
 import textwrap
 
-from .capacity import (DEFAULT_ALLREDUCE_US, DEFAULT_EFFICIENCY, DEFAULT_MAX_BATCH_TOKENS,
+from .planner import (DEFAULT_ALLREDUCE_US, DEFAULT_EFFICIENCY, DEFAULT_MAX_BATCH_TOKENS,
                        DEFAULT_RESERVE_BYTES, DEFAULT_UTILISATION, CapacityError, CapacityPlan,
                        CapacityRequest, plan, throughput_curve)
-from .config import get_preset
+from ..config import get_preset
 from .gpus import CATALOGUE, GIB, custom_gpu, get_gpu
 
 EXIT_FITS, EXIT_DOES_NOT_FIT, EXIT_BAD_INPUT = 0, 1, 2
@@ -81,11 +81,8 @@ def _model(args) -> tuple:
     if args.model:
         return get_preset(args.model), None
     # Imported here: only this path needs torch's checkpoint machinery.
-    try:
-        from .checkpoint import read_config
-    except ImportError:  # until the package re-exports it
-        from .checkpoint.formats import read_config
-    from .checkpoint.errors import CheckpointError
+    from ..checkpoint.errors import CheckpointError
+    from ..checkpoint.formats import read_config
     try:
         return read_config(args.checkpoint_folder)
     except CheckpointError as e:

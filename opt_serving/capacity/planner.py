@@ -17,9 +17,9 @@ import math
 import types
 from dataclasses import dataclass
 
-from .config import OPTConfig
+from ..config import OPTConfig
 from .gpus import GIB, GPU
-from .split_rules import is_buffer, rule_for, sharded_shape
+from ..split_rules import is_buffer, rule_for, sharded_shape
 
 # CUDA context (0.3-0.5 GiB), NCCL buffers and allocator fragmentation: memory the framework
 # never sees as tensors (vLLM profiles it as "non-torch memory").
