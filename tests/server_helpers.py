@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from opt_serving.testing import server_process
-from opt_serving.testing.server_process import REPO, SERVER_ARGS, URL_RE, WORKER_RE  # noqa: F401
+from opt_serving.testing.server_process import REPO, SERVER_ARGS  # noqa: F401
 from paths import ASSETS
 
 

@@ -32,6 +32,8 @@ class RawServer:
                 conn, _ = self.sock.accept()
             except socket.timeout:
                 continue
+            except OSError:  # closed under us: the test is over
+                return
             threading.Thread(target=self._one, args=(conn,), daemon=True).start()
 
     def _one(self, conn):

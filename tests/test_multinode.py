@@ -7,21 +7,25 @@ node 0's rank 0 serves HTTP. Its greedy output must equal the single-process ser
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import threading
+import time
+from pathlib import Path
 
 import pytest
 import requests
-from server_helpers import ASSETS, REPO, SERVER_ARGS, URL_RE
+from server_helpers import ASSETS, REPO, SERVER_ARGS
 
 from opt_serving.distributed import free_port
 
 PROMPTS = ["Hello, my name is", "The capital of France"]
 
 
-def _launch(node_rank: int, master_port: int, folder, rdzv: str) -> subprocess.Popen:
+def _launch(ready: Path, node_rank: int, master_port: int, folder,
+            rdzv: str) -> subprocess.Popen:
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
     if rdzv == "static":
@@ -33,29 +37,28 @@ def _launch(node_rank: int, master_port: int, folder, rdzv: str) -> subprocess.P
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
            "--nproc-per-node", "1", *launch,
            "-m", "opt_serving.server.cli", "--checkpoint-folder", str(folder),
-           "--port", "0", "--assets", str(ASSETS), *SERVER_ARGS]
+           "--port", "0", "--assets", str(ASSETS), "--ready-file", str(ready), *SERVER_ARGS]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
 
 
-def _watch(procs, timeout: float = 120.0) -> tuple[str | None, list[str]]:
-    """Read both launchers' output until one prints the serving URL."""
+def _watch(procs, ready: Path, timeout: float = 120.0) -> tuple[str | None, list[str]]:
+    """Wait for the serving node's ready file (its URL); both launchers' output is kept for
+    the failure message."""
     lines: list[str] = []
-    found = threading.Event()
-    url: list[str] = []
 
     def read(proc):
         for line in proc.stdout:
             lines.append(line.rstrip("\n"))
-            if m := URL_RE.search(line):
-                url.append(m.group(1))
-                found.set()
-        found.set()
 
     for proc in procs:
         threading.Thread(target=read, args=(proc,), daemon=True).start()
-    found.wait(timeout)
-    return (url[0] if url else None), lines
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if time.monotonic() > deadline or all(p.poll() is not None for p in procs):
+            return None, lines
+        time.sleep(0.05)
+    return json.loads(ready.read_text())["url"], lines
 
 
 def _greedy(url: str) -> list[str]:
@@ -66,11 +69,12 @@ def _greedy(url: str) -> list[str]:
 
 
 @pytest.mark.parametrize("rdzv", ["static", "c10d"])
-def test_two_torchrun_nodes_serve_like_one_process(serve_checkpoints, server, rdzv):
+def test_two_torchrun_nodes_serve_like_one_process(serve_checkpoints, server, rdzv, tmp_path):
     port = free_port()
-    procs = [_launch(node, port, serve_checkpoints[2], rdzv) for node in (0, 1)]
+    ready = tmp_path / "ready.json"
+    procs = [_launch(ready, node, port, serve_checkpoints[2], rdzv) for node in (0, 1)]
     try:
-        url, lines = _watch(procs)
+        url, lines = _watch(procs, ready)
         assert url, "no node started serving:\n" + "\n".join(lines[-60:])
         assert requests.get(url + "/readyz", timeout=10).status_code == 200
         assert _greedy(url) == _greedy(server.url)

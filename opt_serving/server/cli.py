@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "each waiting client holds one, so this bounds the clients batched together")
     p.add_argument("--model-name", help="name in responses and /v1/models (default: the "
                    "model preset's name)")
+    p.add_argument("--ready-file", metavar="PATH", help="once serving, write JSON {url, pid, "
+                   "workers: {rank: pid}, world_size, model} to PATH (for supervisors and tests)")
     p.add_argument("--demo-tokenizer", action="store_true", help="when no tokenizer files are "
                    "found, use a byte-level stand-in (only for random demo models)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -123,7 +125,7 @@ def options_from_args(args: argparse.Namespace):
         api_key=args.api_key or os.environ.get("OPT_SERVE_API_KEY") or None,
         kv_tokens=args.kv_tokens, device=args.device, dtype=args.dtype,
         demo_tokenizer=args.demo_tokenizer, mp=args.mp, threads=args.threads,
-        model_name=args.model_name)
+        model_name=args.model_name, ready_file=args.ready_file)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ a moment later instead of hanging in a collective.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -66,6 +67,7 @@ class ServeOptions:
     mp: int | None = None  # model-parallel degree; default: the number of parts
     threads: int = 64
     model_name: str | None = None
+    ready_file: str | None = None  # JSON {url, pid, workers, ...} written once serving
     ping_interval_s: float = 1.0
 
 
@@ -313,6 +315,15 @@ def spawn_workers(plan: Plan, log_level: str = "INFO") -> tuple[list, distribute
     return ctx.processes, distributed.RankEnv(0, plan.world_size, 0, "127.0.0.1", port, "spawn")
 
 
+def write_ready_file(path: str, info: dict) -> None:
+    """What a supervisor or a test needs to reach the server, written atomically (a reader
+    never sees half a file)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, path)
+
+
 def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> int:
     supervisor = Supervisor(workers, plan.options.constants.worker_timeout_s, plan.world_size)
     supervisor.start()  # from now: a worker that dies while loading stops us too
@@ -333,6 +344,11 @@ def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> 
              "rank (%d slots x %d), serving on http://%s:%d", name, plan.world_size,
              plan.launcher, plan.device, plan.dtype, layout.tokens, layout.num_slots,
              layout.slot_len, opts.host, int(server.effective_port))
+    if opts.ready_file:
+        write_ready_file(opts.ready_file, {
+            "url": f"http://{opts.host}:{int(server.effective_port)}", "pid": os.getpid(),
+            "workers": {str(r): p.pid for r, p in enumerate(workers, start=1)},
+            "world_size": plan.world_size, "model": name})
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

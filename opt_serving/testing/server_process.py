@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
-import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -13,42 +14,40 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
-URL_RE = re.compile(r"serving on (http://127\.0\.0\.1:\d+)")
-WORKER_RE = re.compile(r"worker rank (\d+) pid (\d+)")
 # 32 slots of 512 positions: the concurrency tests fit in one running batch.
 SERVER_ARGS = ("--kv-tokens", "16384", "--max-seq-len", "512", "--device", "cpu")
 
 
 class ServerProcess:
-    """``python -m opt_serving.server.cli ... --port 0``; waits for the start-up line."""
+    """``python -m opt_serving.server.cli ... --port 0``; ready when it has written its ready
+    file (URL and pids, as JSON); its output is kept in ``lines`` for diagnostics."""
 
     def __init__(self, *args: str, assets: str | os.PathLike | None = None,
                  start_timeout: float = 90.0, launcher: tuple = ()):
         path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
         assets_args = ("--assets", str(assets)) if assets else ()
+        self._dir = tempfile.TemporaryDirectory(prefix="opt-serve-")
+        ready = Path(self._dir.name) / "ready.json"
         self.proc = subprocess.Popen(
             [sys.executable, *launcher, "-m", "opt_serving.server.cli", "--port", "0",
-             *assets_args, *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, errors="replace")
+             "--ready-file", str(ready), *assets_args, *args], cwd=REPO, env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
         self.lines: list[str] = []
-        self.url: str | None = None
-        self.worker_pids: dict[int, int] = {}
-        self._ready = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
-        if not self._ready.wait(start_timeout) or self.url is None:
-            self.stop()
-            raise RuntimeError("opt-serve did not start:\n" + self.log())
+        deadline = time.monotonic() + start_timeout
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("opt-serve did not start:\n" + self.log())
+            time.sleep(0.05)
+        info = json.loads(ready.read_text())
+        self.url: str = info["url"]
+        self.worker_pids: dict[int, int] = {int(r): pid for r, pid in info["workers"].items()}
 
     def _read(self) -> None:
         for line in self.proc.stdout:
             self.lines.append(line.rstrip("\n"))
-            if m := WORKER_RE.search(line):
-                self.worker_pids[int(m.group(1))] = int(m.group(2))
-            if m := URL_RE.search(line):
-                self.url = m.group(1)
-                self._ready.set()
-        self._ready.set()  # exited
 
     def log(self) -> str:
         return "\n".join(self.lines[-80:])
@@ -83,4 +82,5 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        self._dir.cleanup()
         return self.proc.returncode
