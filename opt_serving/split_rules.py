@@ -1,6 +1,6 @@
 """The one table of model-parallel split rules, shared by ``reshard`` and the TP pass.
 
-metaseq's Megatron layout for rank r of M (checkpoints.md, section 3):
+metaseq's Megatron layout for rank r of M:
 
   vocab       embed_tokens / output_projection: dim 0, contiguous vocabulary ranges
   qkv         fused qkv_proj: dim 0 *per third*, rank r holds [K_r; V_r; Q_r]

@@ -1,6 +1,6 @@
 """``reshard``: bitwise round trips, metaseq's part format, strict loading, the CLI, and every
 bad input of issue 2 (each: exit status, a message naming the file, nothing half-written, the
-input unchanged). Expected per-rank tensors are cut by hand from checkpoints.md's table, not
+input unchanged). Expected per-rank tensors are cut by hand from metaseq's layout table (split_rules' docstring), not
 with ``split_rules``, so the resharder is checked against an independent reference.
 """
 

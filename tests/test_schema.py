@@ -14,7 +14,7 @@ from opt_serving.tokenizer import Tokenizer, locate_assets
 from paths import ASSETS
 
 
-# ParlAI's BB3 client, as logged in ../shared/reference/completions-api.md, byte for byte.
+# ParlAI's BB3 client (parlai 1.7.2), as logged, byte for byte.
 PARLAI_BODY = (
     b'{"prompt": "Person 1: Hi!\\nSearch Decision:", "min_tokens": 1, "max_tokens": 10, '
     b'"best_of": 1,\n "top_p": -1.0, "stop": "\\n", "temperature": 1.0, "echo": false, '

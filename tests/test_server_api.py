@@ -5,7 +5,7 @@ import json
 import openai
 import pytest
 
-# ParlAI's BB3 client request body, byte for byte as logged (completions-api.md).
+# ParlAI's BB3 client request body, byte for byte as logged from ParlAI 1.7.2.
 PARLAI_BODY = b"""{"prompt": "Person 1: Hi!\\nSearch Decision:", "min_tokens": 1, "max_tokens": 10, "best_of": 1,
  "top_p": -1.0, "stop": "\\n", "temperature": 1.0, "echo": false, "lambda_decay": -1,
  "omega_bound": 0.3, "alpha_presence": 0, "alpha_frequency": 0, "alpha_presence_src": 0,

@@ -7,7 +7,7 @@ planner and the server agree on one number.
 
 The memory rule is vLLM's: ``memory * utilisation - weights - activation workspace - reserve``
 is left for the KV cache, per GPU. Decode is bandwidth bound (every step reads each weight
-once plus the cache); prefill is compute bound. See ../shared/reference/capacity.md.
+once plus the cache); prefill is compute bound.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ DEFAULT_UTILISATION = 0.9  # vLLM's gpu_memory_utilization default
 # activation workspace (a 2048-token prompt plus decoding rows fits under it).
 DEFAULT_MAX_BATCH_TOKENS = 3072
 LOGIT_BYTES = 4  # logits are upcast to fp32 for softmax / sampling
-# Decode estimate, fitted to FasterTransformer's OPT figures (capacity.md): 40.5 ms for 175B
+# Decode estimate, fitted to FasterTransformer's published OPT figures: 40.5 ms for 175B
 # at MP8, 11 ms for 30B at MP8, 23 ms for 30B at MP2 against bounds of 21.4, 3.7 and 14.7 ms.
 # Two all-reduces per layer explain why MP8 loses so much more than MP2 on the small model;
 # a single efficiency cannot fit both.

@@ -1,6 +1,6 @@
 """What a set of checkpoint files holds, and a per-rank view of its tensors by metaseq name.
 
-Three layouts reach us (checkpoints.md): a consolidated file (fused ``qkv_proj`` or separate
+Three layouts reach us: a consolidated file (fused ``qkv_proj`` or separate
 ``k/v/q_proj``), model-parallel parts ``*-model_part-{r}.pt``, and raw FSDP shards
 ``*-model_part-{r}-shard{d}.pt`` whose parameters are flattened. ``open_parts`` turns any of
 them into ``Part`` objects: ``part.tensors[name]`` has ``shape``, ``dtype`` and ``read()``.
@@ -194,7 +194,9 @@ def _param_metadata(path: str, ckpt: dict) -> list[dict]:
 
 
 def _unflatten(files: list[str], dicts: list[dict]) -> dict:
-    """FSDP shards of one part -> name -> FlatSlice (checkpoints.md section 4)."""
+    """FSDP shards of one part -> name -> FlatSlice. Each shard's ``model`` holds flat
+    parameters ``<fsdp_path>.flat_param_0``: the part's parameters (names, shapes and numels in
+    ``shard_metadata``) concatenated, padded at the end, and cut into equal shard slices."""
     metas = [_param_metadata(f, d) for f, d in zip(files, dicts)]
     out: dict = {}
     for i, entry in enumerate(metas[0]):
