@@ -15,13 +15,13 @@ from typing import TextIO
 from agents.bb3 import DECISIONS, Agent, AgentConfig, AgentError, Reply
 from agents.convlog import ConversationLog, default_log_path, export_parlai
 from agents.memory import default_memory_db
-from agents.safety import DEFAULT_CLASSIFIER_THRESHOLD, SAFETY_MODES
+from agents.safety import SAFETY_MODES
 from opt_serving.tokenizer import AssetError
 
 PROMPT = "Enter Your Message: "
 BOT_PREFIX = "[BlenderBot3]: "
 PRESETS = ("gen/opt_bb3",)
-DEFAULT_RETRIES = 3
+DEFAULT_RETRIES = AgentConfig.max_retry_api
 
 _COMMANDS = """\
 in the chat:
@@ -72,27 +72,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     flag("-o", "--init-opt", type=_preset, default="gen/opt_bb3",
          help="ParlAI preset; only gen/opt_bb3 (the default) is implemented")
-    flag("--opt-server", default="http://localhost:6010",
+    flag("--opt-server", default=AgentConfig.opt_server,
          help="completions API base URL (http:// is added when missing)")
     flag("--raw-search-server", default=None,
          help="ParlAI-protocol search server URL, e.g. opt-search-server; none: no search")
-    flag("--metaseq-server-timeout", type=float, default=60.0, metavar="S",
+    flag("--metaseq-server-timeout", type=float, default=AgentConfig.server_timeout_s,
+         metavar="S",
          help="seconds one completions request may take")
     flag("--metaseq-max-retry-api", type=int, default=DEFAULT_RETRIES, metavar="N",
          help="retries of a failed request, with exponential backoff (ParlAI's -1, "
               "'forever', means the default here)")
-    flag("--search-timeout", type=float, default=10.0, metavar="S")
+    flag("--search-timeout", type=float, default=AgentConfig.search_timeout_s, metavar="S")
     flag("--api-key", default=None, help="bearer token (default: the --user name)")
     group = p.add_argument_group("pipeline")
     for name in ("search", "memory", "contextual-knowledge"):
-        flag(f"--{name}-decision", choices=DECISIONS, default="compute",
+        flag(f"--{name}-decision", choices=DECISIONS, default=AgentConfig.search_decision,
              help="compute (the decision module chooses), always or never")
     flag("--forget-on-done", action="store_true",
          help="[DONE] also wipes this user's memories, as ParlAI's agent forgets them (by "
               "default long-term memory outlives a conversation)")
     flag("--skip-memory-decision-without-memories", action="store_true",
          help="no memory-decision call while no memory is held (ParlAI asks it every turn)")
-    flag("--knowledge-chunk-size", type=int, default=100, metavar="WORDS",
+    flag("--knowledge-chunk-size", type=int, default=AgentConfig.knowledge_chunk_size,
+         metavar="WORDS",
          help="words of each search document shown to the knowledge module")
     flag("--max-prompt-len", type=int, default=None, metavar="TOKENS",
          help="cap on every module's prompt length (default: the module limits)")
@@ -101,17 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
               "token positions (default: the toolkit's assets from `opt-assets fetch`, else "
               "the server's POST /tokenize, else an estimate)")
     group = p.add_argument_group("memory and safety")
-    flag("--user", default="default", help="conversation partner: memories are per user")
+    flag("--user", default=AgentConfig.user, help="conversation partner: memories are per user")
     flag("--memory-db", default=None, metavar="PATH",
          help=f"SQLite memory file (default {default_memory_db()}; ':memory:' keeps nothing)")
     flag("--persona", action="append", default=[], metavar="TEXT",
          help="seed a fact about the bot (repeatable)")
     flag("--user-fact", action="append", default=[], metavar="TEXT",
          help="seed a fact about the user (repeatable)")
-    flag("--safety", choices=SAFETY_MODES, default="all",
+    flag("--safety", choices=SAFETY_MODES, default=AgentConfig.safety,
          help="check user messages and bot replies with a word list, a classifier, both, or "
               "nothing")
-    flag("--classifier-threshold", type=float, default=DEFAULT_CLASSIFIER_THRESHOLD,
+    flag("--classifier-threshold", type=float, default=AgentConfig.classifier_threshold,
          metavar="P", help="offensive-language probability from which a message is unsafe")
     flag("--reply-classifier-threshold", type=float, default=None, metavar="P",
          help="the same for the bot's replies (default: --classifier-threshold); lower is "

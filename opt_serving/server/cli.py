@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--threads", type=int, default=64, help="HTTP worker threads, at least 16: "
+    p.add_argument("--threads", type=int, help="HTTP worker threads (default 64, at least 16): "
                    "each waiting client holds one, so this bounds the clients batched together")
     p.add_argument("--model-name", help="name in responses and /v1/models (default: the "
                    "model preset's name)")
@@ -124,7 +124,8 @@ def options_from_args(args: argparse.Namespace):
         port=constants.default_port if args.port is None else args.port, assets=args.assets,
         api_key=args.api_key or os.environ.get("OPT_SERVE_API_KEY") or None,
         kv_tokens=args.kv_tokens, device=args.device, dtype=args.dtype,
-        demo_tokenizer=args.demo_tokenizer, mp=args.mp, threads=args.threads,
+        demo_tokenizer=args.demo_tokenizer, mp=args.mp,
+        **({} if args.threads is None else {"threads": args.threads}),
         model_name=args.model_name, ready_file=args.ready_file)
 
 
