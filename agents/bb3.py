@@ -152,7 +152,8 @@ class Agent:
         self.memory = memory or MemoryStore(config.memory_db or default_memory_db(), config.user)
         self.safety = safety or SafetyChecker(config.safety, config.classifier_threshold,
                                               config.reply_classifier_threshold)
-        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir, config.opt_server)
+        self.tokenizer = tokenizer or load_tokenizer(config.tokenizer_dir, config.opt_server,
+                                                     config.api_key or config.user)
         self.budget = P.Budget(self.tokenizer.count, config.max_prompt_len,
                                self.tokenizer.floor, self.tokenizer.encode)
         self.memory.seed(config.persona, person=2)

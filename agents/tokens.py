@@ -88,15 +88,18 @@ def _from_encoder(encode: Encoder, source: str) -> Tokenizer:
                      source, encode=encode)
 
 
-def server_tokenizer(server: str, timeout_s: float = 10.0) -> Tokenizer:
+def server_tokenizer(server: str, timeout_s: float = 10.0,
+                     api_key: str | None = None) -> Tokenizer:
     """The completions server's tokenizer through ``POST {server}/tokenize``. Raises
     ServiceError when the server does not have the route (metaseq's own server) or is down;
     later failures fall back to the estimate for the text concerned."""
     url = normalise_url(server).removesuffix("/completions") + "/tokenize"
     session, policy = make_session(4), RetryPolicy(timeout_s=timeout_s, max_retries=0)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def ask(text: str) -> tuple[int, ...]:
-        body = request_json(session, "POST", url, policy, json={"prompt": text})
+        body = request_json(session, "POST", url, policy, json={"prompt": text},
+                            headers=headers)
         tokens = body.get("tokens") if isinstance(body, dict) else None
         if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
             raise ServiceError(f"{url} answered without a list of token ids", url=url)
@@ -117,8 +120,8 @@ def server_tokenizer(server: str, timeout_s: float = 10.0) -> Tokenizer:
     return Tokenizer(count, f"the server's tokenizer ({url})", encode=encode)
 
 
-def load_tokenizer(directory: str | os.PathLike | None = None,
-                   server: str | None = None) -> Tokenizer:
+def load_tokenizer(directory: str | os.PathLike | None = None, server: str | None = None,
+                   api_key: str | None = None) -> Tokenizer:
     """The BPE from `directory` when given (errors are loud), else from the toolkit's assets
     folder when it has the files, else the server's /tokenize, else the estimate."""
     if directory:
@@ -129,7 +132,7 @@ def load_tokenizer(directory: str | os.PathLike | None = None,
         pass
     if server:
         try:
-            return server_tokenizer(server)
+            return server_tokenizer(server, api_key=api_key)
         except (ServiceError, ValueError):
             pass
     return estimate_tokenizer()

@@ -100,3 +100,17 @@ def test_without_files_the_agent_tokenizes_on_the_server(opt_serve, proxy, scrip
     # A server without the route (metaseq's own): the estimate, named as such.
     metaseq = scripted(lambda r: (404, "text/html", "<h1>Not Found</h1>"))
     assert tokens.load_tokenizer(None, server=metaseq.url).source.startswith("estimate")
+
+
+def test_the_server_tokenizer_sends_the_api_key(scripted):
+    from agents import tokens
+    from agents.client import ServiceError
+
+    def answer(r):
+        if r.headers.get("Authorization") != "Bearer k":
+            return 401, "application/json", '{"error": {"message": "missing or wrong API key"}}'
+        return 200, "application/json", '{"tokens": [7, 8, 9]}'
+    server = scripted(answer)
+    assert tokens.server_tokenizer(server.url, api_key="k").encode("anything") == (7, 8, 9)
+    with pytest.raises(ServiceError, match="401"):
+        tokens.server_tokenizer(server.url)
