@@ -203,8 +203,8 @@ class Engine:
         if handle.seqs:
             self.scheduler.cancel(handle.seqs[0].group)
             self._handles.pop(handle.seqs[0].group, None)
+        self._update_stats()  # before the client hears of it: /metrics is never behind
         handle.fail(error or EngineError(499, "the client went away", code="cancelled"))
-        self._update_stats()
 
     def _expire(self) -> None:
         now = self.clock()
@@ -361,6 +361,7 @@ class Engine:
     def _finish(self, seq: Seq, status: StopStatus) -> None:
         st, handle = seq.payload, seq.payload.handle
         self.scheduler.finish(seq)
+        self._update_stats()  # before the client hears of it: /metrics is never behind
         if handle.request.stream:
             handle.post(st.delta(seq.generated, status.keep_bytes, status.keep_tokens,
                                  status.finish_reason or "length"))
