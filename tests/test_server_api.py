@@ -4,6 +4,7 @@ import json
 
 import openai
 import pytest
+import requests
 
 # ParlAI's BB3 client request body, byte for byte as logged from ParlAI 1.7.2.
 PARLAI_BODY = b"""{"prompt": "Person 1: Hi!\\nSearch Decision:", "min_tokens": 1, "max_tokens": 10, "best_of": 1,
@@ -174,3 +175,18 @@ def test_tokenize_answers_the_servers_own_ids(server, reference):
 def test_tokenize_errors_are_the_same_json(server, raw, param):
     r = server.post("/tokenize", data=raw, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_streamed_logprobs_equal_the_whole_answers(server):
+    body = {"prompt": "Hello there, café 😀", "max_tokens": 10, "min_tokens": 10,
+            "temperature": 0, "logprobs": 2}
+    whole = server.post("/v1/completions", body).json()["choices"][0]["logprobs"]
+    streamed = {k: [] for k in whole}
+    r = requests.post(server.url + "/v1/completions", json={**body, "stream": True},
+                      stream=True, timeout=30)
+    for line in r.iter_lines():
+        if line.startswith(b"data: {"):
+            lp = json.loads(line[6:])["choices"][0]["logprobs"]
+            for k in streamed:
+                streamed[k] += lp[k] if lp else []
+    assert streamed == whole and len(whole["tokens"]) == 10

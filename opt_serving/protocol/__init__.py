@@ -9,13 +9,14 @@ from .request import (KNOWN, MAX_INT, MAX_PENALTY, MAX_TEMPERATURE, MIN_TEMPERAT
                       parse_tokenize)
 from .response import (SSE_DONE, ChoiceResult, TopK, build_choice, char_offsets, first_text,
                        logprobs_json, metaseq_response, new_request_id, openai_response, sse,
-                       stream_chunk, top_json, usage_json, without_marker)
+                       stream_chunk, stream_logprobs, top_json, usage_json, without_marker)
 
 __all__ = [
     "KNOWN", "MAX_INT", "MAX_PENALTY", "MAX_TEMPERATURE", "MIN_TEMPERATURE", "UNSUPPORTED",
     "CompletionRequest", "Prompt", "RequestError", "SamplingParams", "completion_body",
     "error_body", "load_body", "parse_body", "parse_request", "parse_tokenize", "SSE_DONE",
     "ChoiceResult", "TopK", "build_choice", "char_offsets", "first_text", "logprobs_json",
-    "metaseq_response", "new_request_id", "openai_response", "sse", "stream_chunk", "top_json",
+    "metaseq_response", "new_request_id", "openai_response", "sse", "stream_chunk",
+    "stream_logprobs", "top_json",
     "usage_json", "without_marker",
 ]

@@ -98,6 +98,18 @@ def build_choice(tok, *, prompt: Sequence[int], generated: Sequence[int], echo: 
         completion_tokens=len(generated), truncated_prompt_tokens=truncated)
 
 
+def stream_logprobs(tok, tokens: Sequence[tuple[int, float, TopK | None]], offset: int,
+                    with_top: bool) -> dict:
+    """The logprobs of one stream chunk, from its (id, log-prob, top) triples: the same fields
+    ``build_choice`` fills for a whole answer (``offset``: characters already streamed)."""
+    pieces = [tok.token_bytes(t) for t, _, _ in tokens]
+    return {"tokens": [tok.decode_token(t) for t, _, _ in tokens],
+            "token_logprobs": [lp for _, lp, _ in tokens],
+            "text_offset": [offset + o for o in char_offsets(pieces)],
+            "top_logprobs": [None if top is None else top_json(tok, top)
+                             for _, _, top in tokens] if with_top else None}
+
+
 def new_request_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
 

@@ -25,9 +25,9 @@ from .engine import Engine
 from .handles import EngineError, RequestHandle, choices_for
 from .metrics import Metrics
 from .scheduler import QueueFull
-from opt_serving.protocol import (SSE_DONE, CompletionRequest, RequestError, char_offsets,
-                                  error_body, load_body, metaseq_response, openai_response,
-                                  parse_body, parse_tokenize, sse, stream_chunk, top_json)
+from opt_serving.protocol import (SSE_DONE, CompletionRequest, RequestError, error_body,
+                                  load_body, metaseq_response, openai_response, parse_body,
+                                  parse_tokenize, sse, stream_chunk, stream_logprobs)
 
 log = logging.getLogger("opt_serve.http")
 METASEQ, OPENAI = "metaseq", "openai"
@@ -222,16 +222,8 @@ def create_app(service: Service) -> Flask:
                 dec = decoders.setdefault(delta.index,
                                           codecs.getincrementaldecoder("utf-8")("replace"))
                 text = dec.decode(delta.text, final=delta.finish_reason is not None)
-                logprobs = None
-                if req.logprobs is not None:
-                    base = chars.get(delta.index, 0)
-                    pieces = [tok.token_bytes(t) for t, _, _ in delta.tokens]
-                    logprobs = {
-                        "tokens": [tok.decode_token(t) for t, _, _ in delta.tokens],
-                        "token_logprobs": [lp for _, lp, _ in delta.tokens],
-                        "text_offset": [base + o for o in char_offsets(pieces)],
-                        "top_logprobs": [None if top is None else top_json(tok, top)
-                                         for _, _, top in delta.tokens] if req.logprobs else None}
+                logprobs = None if req.logprobs is None else stream_logprobs(
+                    tok, delta.tokens, chars.get(delta.index, 0), bool(req.logprobs))
                 chars[delta.index] = chars.get(delta.index, 0) + len(text)
                 yield chunk(delta.index, text, delta.finish_reason, logprobs)
             yield SSE_DONE
