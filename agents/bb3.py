@@ -25,7 +25,7 @@ from agents.safety import (DEFAULT_CLASSIFIER_THRESHOLD, UNSAFE_INPUT_MESSAGE,
                            UNSAFE_REPLY_MESSAGE, SafetyChecker)
 from agents.search.client import SearchClient
 from agents.search.protocol import Document
-from agents.tokens import Tokenizer, load_tokenizer
+from agents.tokens import TokenMeasure, load_tokenizer
 
 DECISIONS = ("compute", "always", "never")
 OPENING = "Opening"  # a first message that asks the bot to open from the partner's memories
@@ -134,7 +134,7 @@ class Agent:
     def __init__(self, config: AgentConfig = AgentConfig(), *,
                  client: CompletionsClient | None = None, search: SearchClient | None = None,
                  memory: MemoryStore | None = None, safety: SafetyChecker | None = None,
-                 tokenizer: Tokenizer | None = None):
+                 tokenizer: TokenMeasure | None = None):
         self.config = config
         self.client = client or CompletionsClient(
             config.opt_server, RetryPolicy(timeout_s=config.server_timeout_s,

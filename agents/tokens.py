@@ -50,8 +50,9 @@ def estimate_tokens(text: str) -> int:
 
 
 @dataclass(frozen=True)
-class Tokenizer:
-    """A token counter and where it came from (shown by --debug-bb3)."""
+class TokenMeasure:
+    """How the agent measures text in the server's tokens: counts, positions, and where the
+    measure comes from (shown by --debug-bb3). Not a tokenizer: it never decodes."""
 
     count: TokenCounter
     source: str
@@ -64,13 +65,13 @@ class Tokenizer:
     encode: Encoder | None = None
 
 
-def estimate_tokenizer() -> Tokenizer:
-    return Tokenizer(functools.lru_cache(maxsize=_CACHE)(estimate_tokens),
+def estimate_tokenizer() -> TokenMeasure:
+    return TokenMeasure(functools.lru_cache(maxsize=_CACHE)(estimate_tokens),
                      "estimate (no tokenizer files found; see `opt-assets fetch`)",
                      functools.lru_cache(maxsize=_CACHE)(count_pretokens))
 
 
-def bpe_tokenizer(directory: str | os.PathLike) -> Tokenizer:
+def bpe_tokenizer(directory: str | os.PathLike) -> TokenMeasure:
     """The real BPE from a folder with metaseq's two files (refuses OpenAI's vocabulary)."""
     folder = Path(directory)
     paths = AssetPaths(folder / VOCAB_FILE, folder / MERGES_FILE)
@@ -82,14 +83,14 @@ def bpe_tokenizer(directory: str | os.PathLike) -> Tokenizer:
     return _from_encoder(lambda text: tuple(bpe.encode(text)), str(folder))
 
 
-def _from_encoder(encode: Encoder, source: str) -> Tokenizer:
+def _from_encoder(encode: Encoder, source: str) -> TokenMeasure:
     encode = functools.lru_cache(maxsize=_CACHE)(encode)
-    return Tokenizer(functools.lru_cache(maxsize=_CACHE)(lambda text: len(encode(text))),
+    return TokenMeasure(functools.lru_cache(maxsize=_CACHE)(lambda text: len(encode(text))),
                      source, encode=encode)
 
 
 def server_tokenizer(server: str, timeout_s: float = 10.0,
-                     api_key: str | None = None) -> Tokenizer:
+                     api_key: str | None = None) -> TokenMeasure:
     """The completions server's tokenizer through ``POST {server}/tokenize``. Raises
     ServiceError when the server does not have the route (metaseq's own server) or is down;
     later failures fall back to the estimate for the text concerned."""
@@ -117,11 +118,11 @@ def server_tokenizer(server: str, timeout_s: float = 10.0,
     def count(text: str) -> int:
         ids = encode(text)
         return estimate_tokens(text) if ids is None else len(ids)
-    return Tokenizer(count, f"the server's tokenizer ({url})", encode=encode)
+    return TokenMeasure(count, f"the server's tokenizer ({url})", encode=encode)
 
 
 def load_tokenizer(directory: str | os.PathLike | None = None, server: str | None = None,
-                   api_key: str | None = None) -> Tokenizer:
+                   api_key: str | None = None) -> TokenMeasure:
     """The BPE from `directory` when given (errors are loud), else from the toolkit's assets
     folder when it has the files, else the server's /tokenize, else the estimate."""
     if directory:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from tokenizers import ByteLevelBPETokenizer
 
@@ -92,6 +92,26 @@ def _byte_decoder() -> dict[str, int]:
 def normalize(text: str) -> str:
     """metaseq's prompt clean-up: Windows and old-Mac newlines become ``\\n``."""
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+class TextTokenizer(Protocol):
+    """What the server, the engine and ``LLM`` need of a tokenizer: metaseq's BPE
+    (``Tokenizer``) and the demo's byte-level stand-in (``server.demo_tokenizer``) both are."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    def token_bytes(self, token_id: int) -> bytes: ...
+
+    def decode_token(self, token_id: int) -> str: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+    def single_token_ids(self, texts: Sequence[str]) -> tuple[int, ...]: ...
 
 
 class Tokenizer:

@@ -19,6 +19,7 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from constants import ServiceConstants
+from opt_serving.tokenizer import TextTokenizer
 
 
 from .engine import Engine
@@ -37,7 +38,7 @@ OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # load balancers se
 @dataclass(frozen=True)
 class Service:
     engine: Engine
-    tokenizer: object  # Tokenizer or the demo ByteTokenizer
+    tokenizer: TextTokenizer  # metaseq's BPE, or the demo's byte-level stand-in
     limits: ServiceConstants
     model_name: str
     api_key: str | None = None

@@ -17,7 +17,7 @@ SPECIAL_BYTES = (b"<s>", b"<pad>", b"</s>", b"<unk>")
 
 
 class ByteTokenizer:
-    """The interface of ``opt_serving.tokenizer.Tokenizer``."""
+    """An ``opt_serving.tokenizer.TextTokenizer``."""
 
     @property
     def vocab_size(self) -> int:

@@ -27,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from opt_serving.config import EOS_ID
+from opt_serving.tokenizer import TextTokenizer
 from opt_serving.sampling import (RowParams, gather_logprobs, log_probs, make_generator,
                                   next_tokens, source_tokens, top_logprobs)
 from opt_serving.stopping import StopCriteria, StopStatus, releasable
@@ -53,7 +54,7 @@ class EngineStats:
 
 class Engine:
     def __init__(self, *, runner: ModelRunner, control: Control, scheduler: Scheduler,
-                 tokenizer, request_timeout_s: float, ping_interval_s: float = 1.0,
+                 tokenizer: TextTokenizer, request_timeout_s: float, ping_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
         self.runner, self.control, self.scheduler = runner, control, scheduler
         # Request deadlines and pings follow ``clock`` (tests drive it); the collective
