@@ -84,9 +84,14 @@ def bpe_tokenizer(directory: str | os.PathLike) -> TokenMeasure:
 
 
 def _from_encoder(encode: Encoder, source: str) -> TokenMeasure:
+    """Counts and positions from ``encode`` (cached); a text it cannot tokenize now (None)
+    is counted by the estimate."""
     encode = functools.lru_cache(maxsize=_CACHE)(encode)
-    return TokenMeasure(functools.lru_cache(maxsize=_CACHE)(lambda text: len(encode(text))),
-                     source, encode=encode)
+
+    def count(text: str) -> int:
+        ids = encode(text)
+        return estimate_tokens(text) if ids is None else len(ids)
+    return TokenMeasure(functools.lru_cache(maxsize=_CACHE)(count), source, encode=encode)
 
 
 def server_tokenizer(server: str, timeout_s: float = 10.0,
@@ -108,17 +113,12 @@ def server_tokenizer(server: str, timeout_s: float = 10.0,
 
     ask("Hello")  # does it answer at all?
 
-    @functools.lru_cache(maxsize=_CACHE)
     def encode(text: str) -> tuple[int, ...] | None:
         try:
             return ask(text)
         except ServiceError:
             return None
-
-    def count(text: str) -> int:
-        ids = encode(text)
-        return estimate_tokens(text) if ids is None else len(ids)
-    return TokenMeasure(count, f"the server's tokenizer ({url})", encode=encode)
+    return _from_encoder(encode, f"the server's tokenizer ({url})")
 
 
 def load_tokenizer(directory: str | os.PathLike | None = None, server: str | None = None,

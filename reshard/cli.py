@@ -8,6 +8,7 @@ this module parses arguments, prints results and turns bad input into a one-para
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
@@ -133,18 +134,14 @@ def _run_reshard(argv: list[str]) -> int:
     def defer(signum, frame):
         received.append(signum)
         cancel.set()
-    watched = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, defer) for s in watched} \
-        if threading.current_thread() is threading.main_thread() else {}
     try:
-        result = reshard(inputs=args.inputs, mp=args.mp, output_dir=args.output_dir,
-                         dtype=args.dtype, overwrite=args.overwrite, input_qkv=args.input_qkv,
-                         qkv_out=args.qkv_out, progress=not args.no_progress, cancel=cancel)
+        with _handling((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), defer):
+            result = reshard(inputs=args.inputs, mp=args.mp, output_dir=args.output_dir,
+                             dtype=args.dtype, overwrite=args.overwrite,
+                             input_qkv=args.input_qkv, qkv_out=args.qkv_out,
+                             progress=not args.no_progress, cancel=cancel)
     except Cancelled:
         raise _Terminated(received[0]) from None
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
     print(result.summary())
     print(f"output: {result.output_dir}  (load it as {result.output_dir / 'reshard.pt'}; "
           f"check it with `reshard verify {result.output_dir}`)")
@@ -201,16 +198,25 @@ def _terminate(signum, frame):
     raise _Terminated(signum)
 
 
+@contextlib.contextmanager
+def _handling(signals: tuple, handler):
+    """``handler`` for ``signals`` inside the block (main thread only: signal handlers cannot
+    be set elsewhere, as when main() is called from a test's worker thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    watched = (signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, _terminate) for s in watched} \
-        if threading.current_thread() is threading.main_thread() else {}
-    try:
+    with _handling((signal.SIGTERM, signal.SIGHUP), _terminate):
         return _main(argv)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 def _main(argv: list[str]) -> int:

@@ -111,8 +111,9 @@ class SafeUnpickler(pickle._Unpickler):
         self.records = records  # storage key -> (file offset, bytes); None: legacy stand-ins
         self.placeholders: dict[tuple[str, str], type] = {}
         self.ops = self.objects = 0
-        self._made: set[int] = set()  # ids of the instances made here (BUILD may touch these)
-        self._keep: list = []  # keeps those ids unique while loading
+        # The instances made here, by id (BUILD may touch only these); holding them keeps
+        # their ids from being reused while loading.
+        self._made: dict[int, object] = {}
         self.legacy_refs: dict[str, _StorageRef] = {}
 
     # -- bounded work ----------------------------------------------------------------------
@@ -133,8 +134,7 @@ class SafeUnpickler(pickle._Unpickler):
         self.objects += 1
         if self.objects > MAX_OBJECTS:
             raise refuse(self.path, f"makes more than {MAX_OBJECTS} objects")
-        self._made.add(id(obj))
-        self._keep.append(obj)
+        self._made[id(obj)] = obj
         return obj
 
     # -- what names resolve to ---------------------------------------------------------------
@@ -229,13 +229,10 @@ class SafeUnpickler(pickle._Unpickler):
     def _load_reduce(self):
         args = self.stack.pop()
         func = self.stack[-1]
-        if isinstance(func, type) and issubclass(func, Placeholder):
+        if isinstance(func, type):  # only what _new allows: placeholders, plain containers
             self.stack[-1] = self._new(func, args)
             return
-        if func is argparse.Namespace or func is collections.OrderedDict:
-            self.stack[-1] = self._new(func, args)
-            return
-        if not callable(func) or isinstance(func, type):
+        if not callable(func):
             raise refuse(self.path, f"asks to call {_describe(func)}")
         self.stack[-1] = func(*args)
 

@@ -285,13 +285,16 @@ class Engine:
         drawing = [(s, lg) for s, lg in last if s.max_tokens > 0]
         sampled, scores, tops = {}, {}, {}
         if drawing:
-            rng = [s.payload.generator.get_state() for s, _ in drawing]
+            # Greedy rows draw nothing: only sampling rows need their RNG state kept.
+            rng = [None if s.payload.params.greedy else s.payload.generator.get_state()
+                   for s, _ in drawing]
             try:
                 drawn = self._draw(drawing)
             except Exception:  # noqa: BLE001 - find the row that raised: each alone, from
                 drawn = {}     # the same RNG state, so the others draw what they would have
                 for (seq, lg), state in zip(drawing, rng):
-                    seq.payload.generator.set_state(state)
+                    if state is not None:
+                        seq.payload.generator.set_state(state)
                     try:
                         drawn.update(self._draw([(seq, lg)]))
                     except Exception as e:  # noqa: BLE001
