@@ -104,8 +104,6 @@ def test_memory_bombs_are_refused_within_bounded_memory(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.splitlines()
     assert [ln.split()[1] for ln in lines if ln.startswith("REFUSED")] == paths, out.stdout
-    for ln in lines[:-1]:
-        assert "Error" not in ln.split("|")[1] or "CheckpointError" not in ln
     assert float(lines[-1].split()[1]) < 512, lines[-1]
 
 
