@@ -237,7 +237,7 @@ def response_prompt(history: Sequence[str], knowledge: dict[str, str | None],
 
 def _penalty_end(text: str, budget: Budget) -> int:
     """alpha_src_penalty_end_idx as ParlAI computes it, in the server's tokens of the prompt
-    (without the leading </s>: opt_serving.sampling.source_tokens)."""
+    (without the leading </s>: opt_serving.decoding.sampling.source_tokens)."""
     ids = budget.encode(text) if budget.encode else None
     prefix = budget.encode(PENALTY_END_PREFIX) if ids is not None else None
     if ids is not None and prefix is not None:

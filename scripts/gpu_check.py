@@ -17,23 +17,20 @@ import time
 import torch
 
 
-from opt_serving.config import DICT_SIZE, get_preset  # noqa: E402
-from opt_serving.model import KVCache, OPTModel, init_random  # noqa: E402
+from opt_serving.config import DICT_SIZE, get_preset
+from opt_serving.decoding.generate import generate
+from opt_serving.model import KVCache, OPTModel, init_random
+from opt_serving.protocol import SamplingParams
 
 
-def _decode_rate(model, batch: int, steps: int, dtype) -> float:
-    cfg, dev = model.cfg, "cuda"
-    cache = KVCache(cfg, batch, steps + 16, dtype=dtype, device=dev)
-    slots = torch.arange(batch, device=dev)
-    tok = torch.full((batch, 8), 5, device=dev)
-    model(tok, start=torch.zeros(batch, dtype=torch.long, device=dev), cache=cache, slots=slots)
+def _decode_rate(model, batch: int, steps: int) -> float:
+    """Generated tokens/s of the engine's own step (``generate``) for ``batch`` 8-token
+    prompts, prefill included."""
+    prompts = [[5 + i] * 8 for i in range(batch)]
+    generate(model, prompts, SamplingParams(max_tokens=4, min_tokens=4, temperature=0))
     torch.cuda.synchronize()
     t = time.perf_counter()
-    nxt = tok[:, -1:]
-    for i in range(steps):
-        logits = model(nxt, start=torch.full((batch,), 8 + i, device=dev), cache=cache,
-                       slots=slots)
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
+    generate(model, prompts, SamplingParams(max_tokens=steps, min_tokens=steps, temperature=0))
     torch.cuda.synchronize()
     return batch * steps / (time.perf_counter() - t)
 
@@ -79,7 +76,7 @@ def main(argv=None) -> int:
                   f"{agree:.3f}, cached vs full {inc_diff:.3g} (largest logit {scale:.3g}): "
                   f"{'ok' if good else 'FAIL'}")
             for batch in (1, 16):
-                rate = _decode_rate(model, batch, args.steps, dtype)
+                rate = _decode_rate(model, batch, args.steps)
                 print(f"{'':15s} decode batch {batch:2d}: {rate:8.0f} tokens/s")
         try:
             from opt_serving.testing.hf_twin import hf_twin

@@ -4,16 +4,17 @@ app is driven over the same engine with its test client."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
 from constants import DEFAULTS
 from opt_serving.config import VOCAB_SIZE
 from opt_serving.server.app import Service, create_app
+from opt_serving.decoding.scheduler import Scheduler
+from opt_serving.protocol import EngineError, parse_request
 from opt_serving.server.engine import Engine
-from opt_serving.server.handles import EngineError
-from opt_serving.server.scheduler import Scheduler
-from opt_serving.protocol import parse_request
 from opt_serving.tokenizer import Tokenizer, locate_assets
 from paths import ASSETS
 
@@ -75,10 +76,10 @@ def tok():
 def rig(tok):
     clock, runner, control = Clock(), ScriptedRunner(), ScriptedControl()
 
-    def start(world_size: int = 1, slots: int = 4) -> Engine:
+    def start(world_size: int = 1, slots: int = 4, queued: int = 8) -> Engine:
         control.world_size = world_size
         return Engine(runner=runner, control=control, tokenizer=tok, request_timeout_s=10.0,
-                      scheduler=Scheduler(num_slots=slots, slot_len=128, max_queued=8,
+                      scheduler=Scheduler(num_slots=slots, slot_len=128, max_queued=queued,
                                           step_tokens=256, max_seq_len=128),
                       clock=clock, ping_interval_s=1e9).start()
     engines = []
@@ -177,3 +178,46 @@ def test_routes_over_the_scripted_engine(rig, tok):
     assert client.get("/readyz").status_code == 503
     r = client.post("/completions", json={"prompt": "Hi"})
     assert r.status_code == 503 and r.json["error"]["code"] == "not_ready"
+
+
+def test_overload_is_429_at_once_and_timeouts_are_504_over_http(rig, tok):
+    """One slot and one queue place: a third request is refused at once with Retry-After;
+    the running and the queued one time out as 504s when the clock passes their deadline."""
+    clock, runner, _, start = rig
+    engine = start(1, 1, 1)
+    app = create_app(Service(engine=engine, tokenizer=tok, limits=DEFAULTS, model_name="t"))
+    released = threading.Event()
+    # Steps pace themselves (5 ms each) until released, so the running request (120 tokens)
+    # is still running while the others arrive; the loop still takes requests between steps.
+    runner.on_step = lambda n: released.wait(0.005)
+    answers = {}
+
+    def send(name):
+        answers[name] = app.test_client().post(
+            "/completions", json={"prompt": "Hi", "max_tokens": 120, "min_tokens": 120})
+    threads = {name: threading.Thread(target=send, args=(name,)) for name in ("running", "queued")}
+    threads["running"].start()
+    assert wait_until(lambda: engine.stats.running_sequences == 1)
+    threads["queued"].start()
+    assert wait_until(lambda: engine.stats.queued_requests == 1)
+    r = app.test_client().post("/completions", json={"prompt": "Hi", "max_tokens": 5})
+    assert r.status_code == 429 and r.json["error"]["code"] == "queue_full"
+    assert r.headers["Retry-After"]
+    clock.now += 11  # both are past their 10 s budget at the loop's next look
+    released.set()
+    for t in threads.values():
+        t.join(10)
+    assert {k: a.status_code for k, a in answers.items()} == {"running": 504, "queued": 504}
+    assert answers["queued"].json["error"]["code"] == "timeout"
+    r = app.test_client().post("/completions", json={"prompt": "Hi", "max_tokens": 2})
+    assert r.status_code == 200 and engine.stats.running_sequences == 0
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    """For conditions another thread makes true (the engine loop's stats)."""
+    done = threading.Event()
+    for _ in range(int(timeout / 0.001)):
+        if condition():
+            return True
+        done.wait(0.001)
+    return False

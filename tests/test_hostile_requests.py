@@ -17,10 +17,11 @@ from constants import DEFAULTS
 from opt_serving.model import KVCache
 from opt_serving.server.app import Service, create_app
 from opt_serving.server.engine import Engine
-from opt_serving.server.handles import EngineError
-from opt_serving.server.scheduler import Scheduler
+from opt_serving.protocol import EngineError
+from opt_serving.decoding.scheduler import Scheduler
 from opt_serving.protocol import parse_request
-from opt_serving.server.ranks import Control, ModelRunner
+from opt_serving.decoding.work import ModelRunner
+from opt_serving.server.ranks import Control
 
 # -- 11. numbers the arithmetic cannot hold ---------------------------------------------------
 

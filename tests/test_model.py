@@ -4,8 +4,10 @@ import pytest
 import torch
 
 from opt_serving.config import DICT_SIZE, PRESETS, get_preset
-from opt_serving.testing.hf_twin import hf_twin
+from opt_serving.decoding.generate import generate
 from opt_serving.model import KVCache, OPTModel, init_random
+from opt_serving.protocol import SamplingParams
+from opt_serving.testing.hf_twin import hf_twin
 
 transformers = pytest.importorskip("transformers")
 
@@ -27,21 +29,16 @@ def test_logits_match_hf_transformers(pair):
 
 
 def test_greedy_continuation_matches_hf_generate(pair):
+    """The engine's own step (chunked prefill, KV cache, sampler) against HF's generate."""
     model, hf = pair
-    prompt = torch.tensor([[2, 133, 812, 16, 10]])
+    prompt = [133, 812, 16, 10]
     with torch.no_grad():
-        theirs = hf.generate(prompt, max_new_tokens=12, do_sample=False, min_new_tokens=12,
-                             pad_token_id=1)[0, prompt.shape[1]:].tolist()
-        cache = KVCache(model.cfg, 1, 64)
-        slots = torch.tensor([0])
-        logits = model(prompt, start=torch.tensor([0]), cache=cache, slots=slots)
-        ours, pos = [], prompt.shape[1]
-        for _ in range(12):
-            nxt = logits[0, -1].argmax()
-            ours.append(int(nxt))
-            logits = model(nxt.view(1, 1), start=torch.tensor([pos]), cache=cache, slots=slots)
-            pos += 1
-    assert ours == theirs
+        theirs = hf.generate(torch.tensor([[2, *prompt]]), max_new_tokens=12, do_sample=False,
+                             min_new_tokens=12, pad_token_id=1)[0, 5:].tolist()
+    for chunk in (512, 2):  # the prompt in one step, and in chunks of 2 tokens
+        (ours,) = generate(model, [prompt], SamplingParams(max_tokens=12, min_tokens=12,
+                                                           temperature=0), step_tokens=chunk)
+        assert list(ours.generated) == theirs
 
 
 def test_cached_ragged_batch_equals_separate_forwards(pair):

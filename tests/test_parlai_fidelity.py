@@ -64,7 +64,7 @@ def test_opt_serve_reads_every_field_parlai_sends(fixture):
         req = parse_request(body, DEFAULTS)
         assert not req.ignored, req.ignored  # every field is one the server knows
         s = req.sampling
-        assert (req.max_tokens, s.min_tokens, req.best_of, req.echo, req.stop) == (
+        assert (s.max_tokens, s.min_tokens, s.best_of, s.echo, s.stop) == (
             body["max_tokens"], min(body["min_tokens"], body["max_tokens"]), body["best_of"],
             body["echo"], (body["stop"],))
         assert (s.top_p, s.temperature, s.lambda_decay, s.omega_bound) == (

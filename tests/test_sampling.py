@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from opt_serving.config import DICT_SIZE, EOS_ID, VOCAB_SIZE
-from opt_serving.sampling import (
+from opt_serving.protocol import RequestError, parse_request
+from opt_serving.decoding.sampling import (
     RowParams, SamplingParams, apply_penalties, draw_uniforms, gather_logprobs, log_probs,
     make_generator, next_tokens, nucleus_top_p, pick_best, process_logits, sample,
     sentence_steps, source_tokens, token_counts, top_logprobs)
@@ -182,3 +183,24 @@ def test_logprobs_helpers():
 def test_pick_best_ranks_by_total_logprob_stably():
     assert pick_best([-3.0, -1.0, -2.0, -1.0], 2) == [1, 3]
     assert pick_best([-1.0], 1) == [0]
+
+
+def test_repetition_penalty_equals_hf_per_row():
+    """Against HF's RepetitionPenaltyLogitsProcessor (an implementation we did not write),
+    each row with its own penalty, the prompt and the output both counted."""
+    processors = pytest.importorskip("transformers.generation.logits_process")
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(6)) * 4
+    prompts, generated = [[2, 5, 7], [2, 9], [2, 5]], [[7, 11], [], [13]]
+    penalties = [1.3, 0.7, 1.0]
+    rp = rows(*[SamplingParams(temperature=0.0, repetition_penalty=p) for p in penalties])
+    _, lps = next_tokens(logits, rp, generated=generated, sources=[()] * 3,
+                         stop_ids=[()] * 3, generators=[None] * 3, prompts=prompts)
+    for b, penalty in enumerate(penalties):
+        hf = processors.RepetitionPenaltyLogitsProcessor(penalty)
+        ids = torch.tensor([prompts[b] + generated[b]])
+        expected = torch.log_softmax(hf(ids, logits[b:b + 1].clone())[0], -1)
+        torch.testing.assert_close(lps[b], expected, rtol=0, atol=1e-5)
+    assert parse_request({"prompt": "x", "repetition_penalty": 1.2}).sampling \
+        .repetition_penalty == 1.2
+    with pytest.raises(RequestError):
+        parse_request({"prompt": "x", "repetition_penalty": 0})

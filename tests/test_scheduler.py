@@ -4,9 +4,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from opt_serving.config import EOS_ID
-from opt_serving.server.scheduler import (
+from opt_serving.decoding.scheduler import (
     FINISHED, RUNNING, WAITING, QueueFull, Scheduler, fit_prompt)
-from opt_serving.protocol import RequestError
+from opt_serving.protocol import RequestError, SamplingParams
+
+
+def opts(max_tokens: int) -> SamplingParams:
+    return SamplingParams(max_tokens=max_tokens)
 
 
 def make(**kw) -> Scheduler:
@@ -49,7 +53,7 @@ def test_fit_prompt_keeps_the_tail_like_metaseq():
 
 def test_submit_prepends_eos_and_reports_truncation():
     s = make(slot_len=32)
-    (seq,) = s.submit([list(range(100, 140))], max_tokens=10)
+    (seq,) = s.submit([list(range(100, 140))], opts(10))
     assert seq.prompt[0] == EOS_ID and len(seq.prompt) == 32 - 10
     assert seq.truncated == 40 - 21 and seq.prompt[-1] == 139
     assert seq.state == WAITING and s.queued_requests == 1
@@ -57,9 +61,9 @@ def test_submit_prepends_eos_and_reports_truncation():
 
 def test_admission_waits_for_slots_and_budget_first_come_first_served():
     s = make(num_slots=3, slot_len=64, kv_budget=100)
-    a, = s.submit([[5] * 39], max_tokens=20)  # reserves 60
-    b, = s.submit([[6] * 29], max_tokens=20)  # 50: does not fit next to a
-    c, = s.submit([[7] * 4], max_tokens=5)  # 10: would fit, but b is older
+    a, = s.submit([[5] * 39], opts(20))  # reserves 60
+    b, = s.submit([[6] * 29], opts(20))  # 50: does not fit next to a
+    c, = s.submit([[7] * 4], opts(5))  # 10: would fit, but b is older
     assert s.admit() == [a] and a.state == RUNNING and a.slot == 0
     assert s.admit() == [] and s.reserved_tokens == 60
     s.finish(a)
@@ -69,24 +73,24 @@ def test_admission_waits_for_slots_and_budget_first_come_first_served():
 
 def test_queue_bound_counts_requests_and_rejects_atomically():
     s = make(max_queued=2)
-    s.submit([[1], [1], [1]], max_tokens=1)  # one request of three sequences
-    s.submit([[2]], max_tokens=1)
+    s.submit([[1], [1], [1]], opts(1))  # one request of three sequences
+    s.submit([[2]], opts(1))
     with pytest.raises(QueueFull):
-        s.submit([[3]], max_tokens=1)
+        s.submit([[3]], opts(1))
     assert len(s.waiting) == 4
     s.admit()  # everything fits: the queue empties
-    s.submit([[3]], max_tokens=1)
+    s.submit([[3]], opts(1))
     with pytest.raises(RequestError):
-        s.submit([[4], [5]], max_tokens=100)  # too long for a 64-token slot: nothing queued
+        s.submit([[4], [5]], opts(100))  # too long for a 64-token slot: nothing queued
     assert s.queued_requests == 1
 
 
 def test_long_prompts_prefill_in_chunks_while_others_decode():
     s = make(step_tokens=8)
-    short, = s.submit([[9, 9]], max_tokens=5)
+    short, = s.submit([[9, 9]], opts(5))
     step(s, {})  # short prefills its 3 tokens and samples its first token
     assert short.generated == [fake_token(short) - 1] and short.cached == 3
-    long, = s.submit([list(range(20))], max_tokens=3)
+    long, = s.submit([list(range(20))], opts(3))
     assert s.admit() == [long]  # joins the running batch mid-flight
     plan = s.step_plan()
     assert [(r.seq, r.start, len(r.tokens), r.last) for r in plan.prefill] == [
@@ -106,10 +110,10 @@ def test_long_prompts_prefill_in_chunks_while_others_decode():
 
 def test_prefill_chunks_fit_every_row_when_padded():
     s = make(num_slots=2, slot_len=40, step_tokens=28)
-    near_end, = s.submit([list(range(30))], max_tokens=5)
+    near_end, = s.submit([list(range(30))], opts(5))
     step(s, {})
     assert near_end.cached == 28
-    fresh, = s.submit([list(range(30))], max_tokens=5)
+    fresh, = s.submit([list(range(30))], opts(5))
     s.admit()
     plan = s.step_plan()
     # Without the cap fresh would take 25 tokens: padded, near_end would reach position 53.
@@ -120,8 +124,8 @@ def test_prefill_chunks_fit_every_row_when_padded():
 
 def test_cancel_frees_slots_and_a_running_step_ignores_the_cancelled():
     s = make(num_slots=1)
-    a, = s.submit([[1, 2]], max_tokens=4)
-    b, = s.submit([[3]], max_tokens=4)
+    a, = s.submit([[1, 2]], opts(4))
+    b, = s.submit([[3]], opts(4))
     s.admit()
     plan = s.step_plan()
     assert s.cancel(a.group) == [a] and a.state == FINISHED
@@ -142,7 +146,7 @@ def test_random_workloads_write_every_token_once_in_place(jobs, slots, budget, s
     for t in range(2000):
         for plen, max_tokens, arrive in jobs:
             if arrive == t:
-                seqs += s.submit([[7] * plen], max_tokens)
+                seqs += s.submit([[7] * plen], opts(max_tokens))
         s.admit()
         assert len({q.slot for q in s.running}) == len(s.running)
         assert s.reserved_tokens <= s.kv_budget

@@ -6,9 +6,8 @@ import json
 import pytest
 
 from constants import DEFAULTS, from_module
-from opt_serving.sampling import SamplingParams
 from opt_serving.protocol import (
-    SSE_DONE, ChoiceResult, RequestError, build_choice, metaseq_response, openai_response,
+    SSE_DONE, SamplingParams, ChoiceResult, RequestError, build_choice, metaseq_response, openai_response,
     parse_body, parse_request, stream_chunk)
 from opt_serving.tokenizer import Tokenizer, locate_assets
 from paths import ASSETS
@@ -25,10 +24,10 @@ PARLAI_BODY = (
 def test_parlai_bb3_body_parses():
     req = parse_body(PARLAI_BODY)
     assert req.prompts == ("Person 1: Hi!\nSearch Decision:",)
-    assert (req.max_tokens, req.n, req.best_of, req.echo, req.stream) == (10, 1, 1, False, False)
-    assert req.stop == ("\n",) and req.logprobs is None and req.ignored == ()
-    assert req.sampling == SamplingParams(temperature=1.0, top_p=-1.0, lambda_decay=-1.0,
-                                          omega_bound=0.3, min_tokens=1)
+    assert not req.stream and req.ignored == ()
+    assert req.sampling == SamplingParams(
+        max_tokens=10, n=1, best_of=1, echo=False, stop=("\n",), logprobs=None,
+        temperature=1.0, top_p=-1.0, lambda_decay=-1.0, omega_bound=0.3, min_tokens=1)
     assert req.sampling.greedy
     # The same fields as requests' json= sends them (one line).
     assert parse_body(json.dumps(json.loads(PARLAI_BODY)).encode()) == req
@@ -43,9 +42,9 @@ def test_every_field_of_the_contract():
         "alpha_frequency_src": 0.2, "alpha_src_penalty_end_idx": 7, "model": "opt",
         "user": "me", "someday": 1})
     assert req.prompts == ((5, 6), (7,))
-    assert (req.max_tokens, req.n, req.best_of, req.logprobs, req.echo) == (20, 2, 4, 5, True)
-    assert req.stop == ("\n\n", "Question:") and req.top_k_logprobs == 5
+    assert req.sampling.num_logprobs == 5
     assert req.sampling == SamplingParams(
+        max_tokens=20, n=2, best_of=4, logprobs=5, echo=True, stop=("\n\n", "Question:"),
         temperature=0.95, top_p=0.9, top_k=40, lambda_decay=0.9, omega_bound=0.25,
         alpha_presence=0.5, alpha_frequency=0.4, alpha_presence_src=0.3,
         alpha_frequency_src=0.2, alpha_src_penalty_end_idx=7, min_tokens=3, seed=1234)
@@ -64,9 +63,8 @@ def test_prompt_forms(prompt, expected):
 
 def test_defaults():
     req = parse_request({"prompt": "x"})
-    assert req.max_tokens == DEFAULTS.default_max_tokens == 32  # not "until 2048" (#5)
-    assert (req.n, req.best_of, req.logprobs, req.echo, req.stop) == (1, 1, None, False, ())
-    assert req.sampling == SamplingParams()
+    assert req.sampling.max_tokens == DEFAULTS.default_max_tokens == 32  # not "until 2048" (#5)
+    assert req.sampling == SamplingParams()  # n 1, best_of 1, no logprobs, echo or stop
 
 
 def test_openai_penalty_names_map_onto_alphas():
@@ -285,7 +283,7 @@ def test_bodies_are_built_and_read_by_the_same_module():
 
     body = completion_body("Hi", min_tokens=1, max_tokens=8, top_p=-1.0)
     assert list(body) == ["prompt", "min_tokens", "max_tokens", "top_p"]  # the order given
-    assert parse_request(body).max_tokens == 8
+    assert parse_request(body).sampling.max_tokens == 8
     with pytest.raises(ValueError, match="top_kk"):
         completion_body("Hi", top_kk=3)
     assert first_text({"choices": [{"text": " yes"}]}) == " yes"

@@ -5,19 +5,18 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from opt_serving.config import DICT_SIZE
+from opt_serving.decoding.generate import generate
+from opt_serving.protocol import SamplingParams
 from opt_serving.testing.hf_twin import hf_twin
 
 PROMPT = "Person 1: Hi! How are you today?"
 
 
 def greedy_ids(model, ids: list[int], steps: int) -> list[int]:
-    """Our model, no cache, no server: argmax continuation of [</s>] + ids."""
-    seq = [2, *ids]
-    with torch.no_grad():
-        for _ in range(steps):
-            seq.append(int(model(torch.tensor([seq]))[0, -1, :DICT_SIZE].argmax()))
-    return seq[len(ids) + 1:]
+    """The library's generate on the same model in this process, no server."""
+    (r,) = generate(model, [ids], SamplingParams(max_tokens=steps, min_tokens=steps,
+                                                 temperature=0))
+    return list(r.generated)
 
 
 def test_greedy_equals_model_and_hf_transformers(server, reference):

@@ -4,13 +4,14 @@
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from opt_serving.stopping import StopCriteria, check, find_stop, releasable
+from opt_serving.decoding.stopping import check, find_stop, releasable
+from opt_serving.protocol import SamplingParams
 from opt_serving.tokenizer import Tokenizer, locate_assets
 from paths import ASSETS
 
 
 
-def feed(c: StopCriteria, pieces, eos_at=None):
+def feed(c: SamplingParams, pieces, eos_at=None):
     """Generate ``pieces`` (bytes per token) until a stop; returns (status, text, released),
     released = the bytes a stream had sent before the end."""
     text, ends, released = b"", [], 0
@@ -22,12 +23,12 @@ def feed(c: StopCriteria, pieces, eos_at=None):
         status = check(c, text, ends, eos=False)
         if status.stop:
             return status, text, released
-        released = releasable(text, c.stop)
+        released = releasable(text, c.stop_bytes)
     raise AssertionError("never stopped")
 
 
 def test_eos_stops_and_is_not_returned():
-    c = StopCriteria.build(max_tokens=10)
+    c = SamplingParams(max_tokens=10)
     status, text, _ = feed(c, [b"Hi", b" there", b"<eos>"], eos_at=2)
     assert status == (True, "stop", 2, len(b"Hi there"))
     stop, reason = status[:2]  # TGI's (stop, finish_reason) pair comes first
@@ -35,13 +36,13 @@ def test_eos_stops_and_is_not_returned():
 
 
 def test_max_tokens_stops_with_length():
-    status, _, _ = feed(StopCriteria.build(max_tokens=3), [b"a", b"b", b"c", b"d"])
+    status, _, _ = feed(SamplingParams(max_tokens=3), [b"a", b"b", b"c", b"d"])
     assert status == (True, "length", 3, 3)
-    assert check(StopCriteria.build(max_tokens=3), b"ab", [1, 2], eos=False).stop is False
+    assert check(SamplingParams(max_tokens=3), b"ab", [1, 2], eos=False).stop is False
 
 
 def test_stop_sequence_across_tokens_is_cut_from_the_text():
-    c = StopCriteria.build(max_tokens=50, stop=["\n\n"])
+    c = SamplingParams(max_tokens=50, stop=("\n\n",))
     status, text, released = feed(c, [b"Hello", b" wor", b"ld\n", b"\nQ", b"more"])
     assert status.finish_reason == "stop"
     assert text[:status.keep_bytes] == b"Hello world"
@@ -53,20 +54,20 @@ def test_multi_token_stop_text_with_the_real_tokenizer():
     # metaseq #642: "Question:" stopped at the token "Question"; "\n\n" never stopped.
     tok = Tokenizer(locate_assets(assets_dir=ASSETS))
     ids = tok.encode("Yes, it is.\n\nQuestion: why")
-    c = StopCriteria.build(max_tokens=50, stop=["Question:", "\n\n"])
+    c = SamplingParams(max_tokens=50, stop=("Question:", "\n\n"))
     status, text, _ = feed(c, [tok.token_bytes(i) for i in ids])
     assert text[:status.keep_bytes].decode() == "Yes, it is."
-    c = StopCriteria.build(max_tokens=50, stop=["Question:"])
+    c = SamplingParams(max_tokens=50, stop=("Question:",))
     status, text, _ = feed(c, [tok.token_bytes(i) for i in ids])
     assert text[:status.keep_bytes].decode() == "Yes, it is.\n\n"
 
 
 def test_min_tokens_ignores_stops_inside_the_first_tokens():
-    c = StopCriteria.build(max_tokens=10, stop=["\n"], min_tokens=2)
+    c = SamplingParams(max_tokens=10, stop=("\n",), min_tokens=2)
     status, text, _ = feed(c, [b"\n", b"a", b"b\n", b"c"])
     assert text[:status.keep_bytes] == b"\nab" and status.keep_tokens == 3
     # A stop that begins in the first min_tokens tokens does not count either.
-    c = StopCriteria.build(max_tokens=10, stop=["xy"], min_tokens=1)
+    c = SamplingParams(max_tokens=10, stop=("xy",), min_tokens=1)
     status, text, _ = feed(c, [b"x", b"y", b"zxy", b"q"])
     assert text[:status.keep_bytes] == b"xyz"
 
@@ -109,9 +110,9 @@ def test_stops_match_at_any_token_split(chars, stops, cuts):
     text = "".join(chars).encode()
     bounds = sorted({c % len(text) for c in cuts} - {0}) + [len(text)]
     pieces = [text[a:b] for a, b in zip([0] + bounds, bounds)]
-    c = StopCriteria.build(max_tokens=len(pieces), stop=stops)
+    c = SamplingParams(max_tokens=len(pieces), stop=tuple(stops))
     status, seen, released = feed(c, pieces)
-    expected = reference_cut(text, c.stop)
+    expected = reference_cut(text, c.stop_bytes)
     if expected is None:
         assert status.finish_reason == "length" and status.keep_bytes == len(text)
     else:
@@ -123,12 +124,12 @@ def test_stops_match_at_any_token_split(chars, stops, cuts):
     seen[:released].decode("utf-8")  # a stream only ever sent whole characters
 
 
-def test_build_encodes_and_deduplicates():
-    c = StopCriteria.build(5, ["\n", "\n", "é"], min_tokens=1)
-    assert c == StopCriteria(max_tokens=5, stop=(b"\n", "é".encode()), min_tokens=1)
+def test_stop_bytes_encode_and_deduplicate():
+    c = SamplingParams(max_tokens=5, stop=("\n", "\n", "é"), min_tokens=1)
+    assert c.stop_bytes == (b"\n", "é".encode())
 
 
 @pytest.mark.parametrize("pieces", [[b"ab"], [b"a", b"b"]])
 def test_a_stop_at_the_very_start_leaves_empty_text(pieces):
-    status, _, _ = feed(StopCriteria.build(5, ["ab"]), pieces)
+    status, _, _ = feed(SamplingParams(max_tokens=5, stop=("ab",)), pieces)
     assert status == (True, "stop", 0, 0)

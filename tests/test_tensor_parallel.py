@@ -5,7 +5,7 @@ import torch
 
 from opt_serving.testing import synthetic
 from opt_serving.config import get_preset
-from opt_serving.selfcheck import tp_logits
+from opt_serving.testing.selfcheck import tp_logits
 from reshard.core import reshard
 
 

@@ -6,6 +6,7 @@ naming the field: a 400, or 413 for size), and building a body as a client sends
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import secrets
@@ -23,29 +24,55 @@ KNOWN = frozenset({
     "prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "n", "best_of",
     "logprobs", "echo", "stop", "seed", "lambda_decay", "omega_bound", "alpha_presence",
     "alpha_frequency", "alpha_presence_src", "alpha_frequency_src", "alpha_src_penalty_end_idx",
-    "presence_penalty", "frequency_penalty", "stream", "model", "user", *UNSUPPORTED})
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "stream", "model", "user", *UNSUPPORTED})
+
+
+def _row(kind: str, **kw):
+    """A field the sampler needs as a (B,) tensor per batch ("float", "long" or "bool")."""
+    return dataclasses.field(metadata={"row": kind}, **kw)
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """One request's decoding options (the contract's defaults)."""
+    """One request's decoding options, built once from the body (the contract's defaults), as
+    vLLM's SamplingParams. Fields marked ``_row`` become the sampler's per-row tensors
+    (``decoding.sampling.RowParams``): a new knob is a field here and a line in the sampler."""
 
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0  # <= 0 = greedy (ParlAI sends -1)
-    top_k: int = 0  # 0 = off
-    lambda_decay: float = -1.0  # <= 0 = factual nucleus off
-    omega_bound: float = 0.3
-    alpha_presence: float = 0.0
-    alpha_frequency: float = 0.0
-    alpha_presence_src: float = 0.0
-    alpha_frequency_src: float = 0.0
-    alpha_src_penalty_end_idx: int = -1  # < 0 = the whole prompt
-    min_tokens: int = 0
+    max_tokens: int = DEFAULTS.default_max_tokens
+    min_tokens: int = _row("long", default=0)  # EOS and stops blocked before this many tokens
+    stop: tuple[str, ...] = ()  # stop sequences, none empty
+    n: int = 1  # completions returned per prompt
+    best_of: int = 1  # sampled per prompt; the n best by total log-prob are returned
+    logprobs: int | None = None  # alternatives per token to return; None: absent (null)
+    echo: bool = False  # return the prompt's tokens and teacher-forced log-probs too
     seed: int | None = None
+    temperature: float = _row("float", default=1.0)  # 0 = greedy
+    top_p: float = _row("float", default=1.0)  # <= 0 = greedy (ParlAI sends -1)
+    top_k: int = _row("long", default=0)  # 0 = off (sampling's top-k, not logprobs')
+    lambda_decay: float = _row("float", default=-1.0)  # <= 0 = factual nucleus off
+    omega_bound: float = _row("float", default=0.3)
+    alpha_presence: float = _row("float", default=0.0)
+    alpha_frequency: float = _row("float", default=0.0)
+    alpha_presence_src: float = _row("float", default=0.0)
+    alpha_frequency_src: float = _row("float", default=0.0)
+    alpha_src_penalty_end_idx: int = -1  # < 0 = the whole prompt
+    # CTRL's penalty, as HF and vLLM take it: > 1 discourages every token already in the
+    # prompt or the output (positive logits divided by it, negative ones multiplied); 1 = off.
+    repetition_penalty: float = _row("float", default=1.0)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_p <= 0
+
+    @property
+    def num_logprobs(self) -> int:
+        """How many alternatives to return per token (0: none)."""
+        return self.logprobs or 0
+
+    @functools.cached_property
+    def stop_bytes(self) -> tuple[bytes, ...]:
+        """UTF-8 of the stop sequences, duplicates dropped: stops match on bytes."""
+        return tuple(dict.fromkeys(s.encode("utf-8") for s in self.stop if s))
 
     def seeded(self) -> "SamplingParams":
         """With a concrete seed, drawn once on rank 0 so every rank samples the same."""
@@ -53,6 +80,9 @@ class SamplingParams:
             return self
         return dataclasses.replace(self, seed=secrets.randbits(63))
 
+
+ROW_FIELDS = tuple((f.name, f.metadata["row"]) for f in dataclasses.fields(SamplingParams)
+                   if "row" in f.metadata)
 
 
 def completion_body(prompt: Prompt | Sequence[Prompt], **fields) -> dict:
@@ -83,25 +113,16 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A validated request. Sequences: each prompt times ``best_of``; copy i of prompt p
-    samples with ``make_generator(seed, p * best_of + i)`` once rank 0 has ``seeded()`` it."""
+    """A validated request: its prompts, its decoding options and how to answer. Sequences:
+    each prompt times ``best_of``; copy i of prompt p samples with
+    ``make_generator(seed, p * best_of + i)`` once rank 0 has ``seeded()`` the options."""
 
     prompts: tuple[Prompt, ...]
-    max_tokens: int
-    n: int
-    best_of: int
-    logprobs: int | None  # None: absent (OpenAI then answers "logprobs": null)
-    echo: bool
-    stop: tuple[str, ...]
-    stream: bool
     sampling: SamplingParams
+    stream: bool = False
     model: str | None = None
     user: str | None = None
     ignored: tuple[str, ...] = ()  # unknown fields, for the log
-
-    @property
-    def top_k_logprobs(self) -> int:
-        return self.logprobs or 0
 
 
 # -- field readers ---------------------------------------------------------------------------
@@ -275,6 +296,12 @@ def parse_request(obj: Any, limits: ServiceConstants = DEFAULTS) -> CompletionRe
         raise RequestError("best_of > n cannot be streamed: the best are known at the end",
                            "best_of")
     sampling = SamplingParams(
+        max_tokens=max_tokens, n=n, best_of=best_of,
+        # ParlAI may ask min_tokens 1 with max_tokens 0 (scoring): max_tokens wins.
+        min_tokens=min(_int(obj, "min_tokens", 0, 0), max_tokens),
+        stop=_stop(obj, limits),
+        logprobs=_int(obj, "logprobs", None, 0, limits.max_logprobs), echo=_bool(obj, "echo"),
+        seed=_int(obj, "seed", None, -MAX_INT, 2**64 - 1),
         temperature=_temperature(obj),
         top_p=_float(obj, "top_p", 1.0, -MAX_PENALTY, 1.0),
         # top_k past the dictionary keeps every token, as top_k 0 does.
@@ -286,15 +313,10 @@ def parse_request(obj: Any, limits: ServiceConstants = DEFAULTS) -> CompletionRe
         alpha_presence_src=_float(obj, "alpha_presence_src", 0.0, -MAX_PENALTY, MAX_PENALTY),
         alpha_frequency_src=_float(obj, "alpha_frequency_src", 0.0, -MAX_PENALTY, MAX_PENALTY),
         alpha_src_penalty_end_idx=_int(obj, "alpha_src_penalty_end_idx", -1, -MAX_INT, MAX_INT),
-        # ParlAI may ask min_tokens 1 with max_tokens 0 (scoring): max_tokens wins.
-        min_tokens=min(_int(obj, "min_tokens", 0, 0), max_tokens),
-        seed=_int(obj, "seed", None, -MAX_INT, 2**64 - 1))
+        repetition_penalty=_float(obj, "repetition_penalty", 1.0, MIN_TEMPERATURE, MAX_PENALTY))
     return CompletionRequest(
-        prompts=prompts, max_tokens=max_tokens, n=n, best_of=best_of,
-        logprobs=_int(obj, "logprobs", None, 0, limits.max_logprobs),
-        echo=_bool(obj, "echo"), stop=_stop(obj, limits), stream=stream, sampling=sampling,
-        model=_str(obj, "model"), user=_str(obj, "user"),
-        ignored=tuple(sorted(k for k in obj if k not in KNOWN)))
+        prompts=prompts, sampling=sampling, stream=stream, model=_str(obj, "model"),
+        user=_str(obj, "user"), ignored=tuple(sorted(k for k in obj if k not in KNOWN)))
 
 
 def _no_constant(name: str):

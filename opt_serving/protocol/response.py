@@ -11,9 +11,26 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .request import CompletionRequest
+from .request import CompletionRequest, error_body
 
 SSE_DONE = b"data: [DONE]\n\n"
+
+
+class EngineError(Exception):
+    """A request the engine could not finish: its HTTP status and JSON error body."""
+
+    def __init__(self, status: int, message: str, type: str = "server_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type, code
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, code=self.code)
+
+
+def timeout_error(seconds: float) -> EngineError:
+    return EngineError(504, f"the request did not finish within {seconds:g} s; its slots were "
+                       "freed", type="timeout_error", code="timeout")
 
 
 def char_offsets(pieces: Sequence[bytes]) -> list[int]:
@@ -161,8 +178,8 @@ def without_marker(c: ChoiceResult) -> ChoiceResult:
 def openai_response(choices: Sequence[ChoiceResult], *, request: CompletionRequest, model: str,
                     request_id: str | None = None, created: int | None = None) -> dict:
     """OpenAI's shape: logprobs only when asked for, a usage block, no "</s>" marker."""
-    with_logprobs = request.logprobs is not None
-    shown = [without_marker(c) for c in choices] if request.echo else choices
+    with_logprobs = request.sampling.logprobs is not None
+    shown = [without_marker(c) for c in choices] if request.sampling.echo else choices
     return {**_envelope(request_id, model, created),
             "choices": [_choice_json(c, i, with_logprobs) for i, c in enumerate(shown)],
             "usage": usage_json(choices)}

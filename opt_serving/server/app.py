@@ -19,16 +19,15 @@ from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 from constants import ServiceConstants
+from opt_serving.decoding.scheduler import QueueFull
+from opt_serving.protocol import (SSE_DONE, CompletionRequest, EngineError, RequestError,
+                                  error_body, load_body, metaseq_response, openai_response,
+                                  parse_body, parse_tokenize, sse, stream_chunk, stream_logprobs)
 from opt_serving.tokenizer import TextTokenizer
 
-
 from .engine import Engine
-from .handles import EngineError, RequestHandle, choices_for
+from .handles import RequestHandle, choices_for
 from .metrics import Metrics
-from .scheduler import QueueFull
-from opt_serving.protocol import (SSE_DONE, CompletionRequest, RequestError, error_body,
-                                  load_body, metaseq_response, openai_response, parse_body,
-                                  parse_tokenize, sse, stream_chunk, stream_logprobs)
 
 log = logging.getLogger("opt_serve.http")
 METASEQ, OPENAI = "metaseq", "openai"
@@ -214,7 +213,7 @@ def create_app(service: Service) -> Flask:
             return stream_chunk(request_id=handle.id, model=name, created=handle.created,
                                 index=index, text=text, finish_reason=finish, logprobs=logprobs)
         try:
-            if req.echo:
+            if req.sampling.echo:
                 for i, seq in enumerate(handle.seqs):
                     text = tok.decode(seq.prompt[1:])
                     chars[i] = len(text)
@@ -223,8 +222,8 @@ def create_app(service: Service) -> Flask:
                 dec = decoders.setdefault(delta.index,
                                           codecs.getincrementaldecoder("utf-8")("replace"))
                 text = dec.decode(delta.text, final=delta.finish_reason is not None)
-                logprobs = None if req.logprobs is None else stream_logprobs(
-                    tok, delta.tokens, chars.get(delta.index, 0), bool(req.logprobs))
+                logprobs = None if req.sampling.logprobs is None else stream_logprobs(
+                    tok, delta.tokens, chars.get(delta.index, 0), bool(req.sampling.logprobs))
                 chars[delta.index] = chars.get(delta.index, 0) + len(text)
                 yield chunk(delta.index, text, delta.finish_reason, logprobs)
             yield SSE_DONE

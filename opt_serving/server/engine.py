@@ -3,9 +3,8 @@
 HTTP threads call ``submit`` (which returns a ``RequestHandle`` once the loop has queued the
 request, or raises QueueFull / RequestError) and ``cancel``; everything else happens on the
 loop thread, so the scheduler needs no lock. Each iteration: take new requests and
-cancellations, expire requests past their deadline, admit, plan, send the step's work to the
-other ranks, run the forwards, sample the ``last`` rows with each row's own options and RNG,
-commit, and check stop criteria (step function in the style of early TGI's generate_token).
+cancellations, expire requests past their deadline, then one ``decoding.step`` (plan, send the
+step's work to the other ranks, forward, sample, stop) whose events go to the handles.
 
 Failures: with one rank, an exception while running a batch fails only the requests in that
 batch (503 for out-of-memory, else 500) and the loop goes on. With several ranks a failed
@@ -15,7 +14,6 @@ failed, answers every pending request with 503, and the process supervisor (``se
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import queue
@@ -26,16 +24,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from opt_serving.config import EOS_ID
+from opt_serving.decoding.scheduler import Scheduler
+from opt_serving.decoding.step import Event, StepFailed, Stepper
+from opt_serving.decoding.work import ModelRunner, StepWork
+from opt_serving.protocol import CompletionRequest, EngineError, timeout_error
 from opt_serving.tokenizer import TextTokenizer
-from opt_serving.sampling import (RowParams, gather_logprobs, log_probs, make_generator,
-                                  next_tokens, source_tokens, top_logprobs)
-from opt_serving.stopping import StopCriteria, StopStatus, releasable
 
-from .handles import EngineError, RequestHandle, SeqState, timeout_error
-from .scheduler import RUNNING, Scheduler, Seq, StepPlan
-from opt_serving.protocol import CompletionRequest
-from .ranks import Control, LogitIndex, ModelRunner, build_work
+from .handles import RequestHandle
+from .ranks import Control
 
 log = logging.getLogger("opt_serve.engine")
 
@@ -70,6 +66,7 @@ class Engine:
         self._handles: dict[int, RequestHandle] = {}  # scheduler group -> request
         self._stop = threading.Event()
         self._last_ping = clock()
+        self.stepper = Stepper(scheduler, self._forward, tokenizer.token_bytes)
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
 
     # -- any thread --------------------------------------------------------------------------
@@ -90,7 +87,8 @@ class Engine:
             raise EngineError(503, f"the server is not ready: {self.failure or 'stopping'}",
                               code="not_ready")
         request = dataclasses.replace(request, sampling=request.sampling.seeded())
-        stop_ids = self.tokenizer.single_token_ids(request.stop) if request.stop else ()
+        stop = request.sampling.stop
+        stop_ids = self.tokenizer.single_token_ids(stop) if stop else ()
         handle = RequestHandle(request, prompt_ids, stop_ids, self.request_timeout_s,
                                clock=self.clock)
         self._inbox.put(("submit", handle))
@@ -177,25 +175,12 @@ class Engine:
 
     def _accept(self, handle: RequestHandle) -> None:
         req = handle.request
-        params = req.sampling
-        criteria = StopCriteria.build(req.max_tokens, req.stop, params.min_tokens)
-        prompts, states = [], []
-        for p, ids in enumerate(handle.prompt_ids):
-            for i in range(req.best_of):
-                prompts.append(ids)
-                states.append(SeqState(
-                    handle=handle, prompt_index=p, copy=i, params=params,
-                    generator=make_generator(params.seed, p * req.best_of + i),
-                    criteria=criteria, stop_ids=handle.stop_ids, source=(), echo=req.echo,
-                    top_k=req.top_k_logprobs))
         try:
-            seqs = self.scheduler.submit(prompts, req.max_tokens, states)
+            seqs = self.scheduler.submit(handle.prompt_ids, req.sampling, owner=handle,
+                                         stop_ids=handle.stop_ids, stream=req.stream)
         except Exception as e:  # QueueFull -> 429, RequestError -> 400
             handle.reject(e)
             return
-        for seq in seqs:
-            seq.payload.source = source_tokens(seq.prompt[1:], params.alpha_src_penalty_end_idx,
-                                               seq.truncated)
         self._handles[seqs[0].group] = handle
         handle.accept(seqs)
         self._update_stats()
@@ -213,39 +198,58 @@ class Engine:
             log.warning("request %s timed out after %.1f s", handle.id, self.request_timeout_s)
             self._drop(handle, timeout_error(self.request_timeout_s))
 
+    def _forward(self, work: StepWork):
+        started = time.perf_counter()
+        self._collective(self.control.send_step, work)
+        out = self._collective(self.runner.run, work)
+        self.stats.forward_seconds += time.perf_counter() - started
+        return out
+
     def _step(self) -> None:
-        self.scheduler.admit()
-        plan = self.scheduler.step_plan()
+        plan = self.stepper.plan()
         self._update_stats()
         if not plan.rows:
             return
-        work, index = build_work(plan, lambda seq: seq.payload.echo)
-        started = time.perf_counter()
         try:
-            self._collective(self.control.send_step, work)
-            prefill, decode = self._collective(self.runner.run, work)
-        except Exception as e:
-            if self.control.world_size > 1:
+            events = self.stepper.step(plan)
+        except StepFailed as e:
+            if self.control.world_size > 1 and e.in_forward:
                 raise  # the other ranks may be waiting inside the forward: fatal
-            self._fail_batch(plan, e)
+            self._fail_batch(e)
             return
-        self.stats.forward_seconds += time.perf_counter() - started
-        try:
-            self._sample(plan, index, prefill, decode)
-        except Exception as e:  # rank 0 only: the ranks are still in step
-            self._fail_batch(plan, e)
-        self.stats.steps += 1
-        self._update_stats()
+        now = self.clock()
+        for row in plan.rows:  # time to first token, for /metrics
+            handle = row.seq.owner
+            if row.seq.generated and handle.first_token_at is None:
+                handle.first_token_at = now
+        self.stats.steps = self.stepper.steps
+        self.stats.tokens_generated = self.stepper.tokens_generated
+        self._update_stats()  # before the clients hear of it: /metrics is never behind
+        for event in events:
+            self._route(event)
+
+    def _route(self, event: Event) -> None:
+        handle = event.seq.owner
+        if event.error is not None:
+            self._drop(handle, event.error)
+            return
+        if handle.done:
+            return
+        if event.delta is not None:
+            handle.post(event.delta)
+        if event.result is not None and handle.finish_seq(event.seq.index, event.result):
+            self._handles.pop(event.seq.group, None)
 
     def _update_stats(self) -> None:
         self.stats.queued_requests = self.scheduler.queued_requests
         self.stats.running_sequences = len(self.scheduler.running)
 
-    def _fail_batch(self, plan: StepPlan, exc: Exception) -> None:
+    def _fail_batch(self, failed: StepFailed) -> None:
+        plan, exc = failed.plan, failed.error
         # CUDA raises OutOfMemoryError; torch's CPU allocator a RuntimeError with ENOMEM.
         oom = isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
         log.error("a batch of %d rows failed: %s: %s", len(plan.rows), type(exc).__name__, exc,
-                  exc_info=not oom)
+                  exc_info=(type(exc), exc, exc.__traceback__) if not oom else False)
         if oom:
             error = EngineError(503, "out of memory while generating this batch; retry, or "
                                 "send fewer or shorter prompts", code="out_of_memory")
@@ -255,120 +259,5 @@ class Engine:
             error = EngineError(500, f"generation failed: {type(exc).__name__}: {exc}",
                                 code="generation_failed")
         self.stats.batches_failed += 1
-        handles = {row.seq.group: row.seq.payload.handle for row in plan.rows}
-        for handle in handles.values():
+        for handle in {id(row.seq.owner): row.seq.owner for row in plan.rows}.values():
             self._drop(handle, error)
-
-    def _echo_scores(self, seq: Seq, start: int, logits: torch.Tensor) -> None:
-        """Teacher-forced log-probs of the prompt: position start + j scores prompt token
-        start + j + 1.  logits: (n, V) for the chunk's positions."""
-        st = seq.payload
-        n = min(logits.shape[0], len(seq.prompt) - 1 - start)
-        if n <= 0:
-            return
-        lp = log_probs(logits[:n])  # (n, V)
-        targets = torch.tensor(seq.prompt[start + 1:start + 1 + n], device=lp.device)
-        st.prompt_logprobs += gather_logprobs(lp, targets).tolist()
-        if st.top_k:
-            values, ids = top_logprobs(lp, st.top_k)
-            st.prompt_tops += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-
-    def _sample(self, plan: StepPlan, index: LogitIndex, prefill: torch.Tensor | None,
-                decode: torch.Tensor | None) -> None:
-        last = []  # (seq, logits (V,)) of every row that reached its newest token
-        for i, row in enumerate(plan.prefill):
-            if row.seq.payload.echo:
-                self._echo_scores(row.seq, row.start, prefill[i, :index.prefill_positions[i]])
-            if row.last:
-                last.append((row.seq, prefill[i, index.prefill_last[i]]))
-        last += [(row.seq, decode[j]) for j, row in enumerate(plan.decode)]
-        drawing = [(s, lg) for s, lg in last if s.max_tokens > 0]
-        sampled, scores, tops = {}, {}, {}
-        if drawing:
-            # Greedy rows draw nothing: only sampling rows need their RNG state kept.
-            rng = [None if s.payload.params.greedy else s.payload.generator.get_state()
-                   for s, _ in drawing]
-            try:
-                drawn = self._draw(drawing)
-            except Exception:  # noqa: BLE001 - find the row that raised: each alone, from
-                drawn = {}     # the same RNG state, so the others draw what they would have
-                for (seq, lg), state in zip(drawing, rng):
-                    if state is not None:
-                        seq.payload.generator.set_state(state)
-                    try:
-                        drawn.update(self._draw([(seq, lg)]))
-                    except Exception as e:  # noqa: BLE001
-                        drawn[seq.id] = e
-            for seq, _ in drawing:
-                got = drawn[seq.id]
-                if isinstance(got, Exception):
-                    if seq.payload.handle.done:
-                        continue
-                    # Only this request fails; the rest of the batch goes on.
-                    log.error("request %s failed while sampling: %s", seq.payload.handle.id, got)
-                    self._drop(seq.payload.handle, EngineError(
-                        500, f"generation failed for this request: {got}",
-                        code="generation_failed"))
-                else:
-                    sampled[seq.id], scores[seq.id], tops[seq.id] = got
-        self.scheduler.commit(plan, sampled)
-        now = self.clock()
-        for seq, _ in last:
-            if seq.state != RUNNING:
-                continue
-            if seq.max_tokens == 0:  # scoring only (echo): nothing to draw
-                self._finish(seq, StopStatus(True, "length", 0, 0))
-                continue
-            st, token = seq.payload, sampled[seq.id]
-            if st.handle.first_token_at is None:
-                st.handle.first_token_at = now
-            eos = token == EOS_ID
-            status = st.add(token, b"" if eos else self.tokenizer.token_bytes(token),
-                            scores[seq.id], tops[seq.id], eos)
-            self.stats.tokens_generated += 1
-            if status.stop:
-                self._finish(seq, status)
-            elif st.handle.request.stream:
-                upto = releasable(st.text, st.criteria.stop)
-                delta = st.delta(seq.generated, upto, bisect.bisect_right(st.ends, upto), None)
-                if delta is not None:
-                    st.handle.post(delta)
-
-    def _draw(self, drawing: list) -> dict:
-        """seq.id -> (token, its log-prob, top alternatives or None) for rows (seq, logits
-        (V,)); a row whose processed scores are NaN (no distribution to draw from) gets a
-        ValueError instead, so that it alone fails."""
-        seqs = [s for s, _ in drawing]
-        states = [s.payload for s in seqs]
-        logits = torch.stack([lg for _, lg in drawing])  # (N, V)
-        rp = RowParams.stack([st.params for st in states], device=logits.device)
-        tokens, lps = next_tokens(
-            logits, rp, generated=[s.generated for s in seqs],
-            sources=[st.source for st in states], stop_ids=[st.stop_ids for st in states],
-            generators=[st.generator for st in states])
-        broken = torch.isnan(lps).any(dim=-1).tolist()  # (N,)
-        chosen = gather_logprobs(lps, tokens).tolist()
-        k = max(st.top_k for st in states)
-        if k:
-            values, ids = top_logprobs(lps, k)
-            values, ids = values.tolist(), ids.tolist()
-        out = {}
-        for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-            if broken[j]:
-                out[seq.id] = ValueError("the model's scores for it are not finite numbers "
-                                         "(NaN or infinity)")
-                continue
-            top = list(zip(ids[j], values[j]))[:seq.payload.top_k] if seq.payload.top_k else None
-            out[seq.id] = (token, chosen[j], top)
-        return out
-
-    def _finish(self, seq: Seq, status: StopStatus) -> None:
-        st, handle = seq.payload, seq.payload.handle
-        self.scheduler.finish(seq)
-        self._update_stats()  # before the client hears of it: /metrics is never behind
-        if handle.request.stream:
-            handle.post(st.delta(seq.generated, status.keep_bytes, status.keep_tokens,
-                                 status.finish_reason or "length"))
-        if handle.finish_seq(st.index, st.result(seq.prompt, seq.truncated, seq.generated,
-                                                 status)):
-            self._handles.pop(seq.group, None)

@@ -39,9 +39,11 @@ from opt_serving.tokenizer import AssetError, Tokenizer, locate_assets
 
 from .app import Service, create_app
 from .engine import Engine
-from .scheduler import Scheduler
+from opt_serving.decoding.scheduler import Scheduler
 from .wsgi import create_server
-from .ranks import Control, ModelRunner, worker_loop
+from opt_serving.decoding.work import ModelRunner
+
+from .ranks import Control, worker_loop
 
 log = logging.getLogger("opt_serve")
 EXIT_FAILED = 3  # a rank died or the engine failed while serving

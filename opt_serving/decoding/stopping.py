@@ -10,21 +10,9 @@ without being returned; ``max_tokens`` ends it with finish_reason "length".
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
-
-@dataclass(frozen=True)
-class StopCriteria:
-    max_tokens: int
-    stop: tuple[bytes, ...] = ()  # UTF-8 of the stop sequences, none empty
-    min_tokens: int = 0
-
-    @classmethod
-    def build(cls, max_tokens: int, stop: Sequence[str] = (),
-              min_tokens: int = 0) -> "StopCriteria":
-        encoded = tuple(dict.fromkeys(s.encode("utf-8") for s in stop if s))
-        return cls(max_tokens=max_tokens, stop=encoded, min_tokens=min_tokens)
+from opt_serving.protocol import SamplingParams
 
 
 class StopStatus(NamedTuple):
@@ -46,8 +34,9 @@ def find_stop(text: bytes | bytearray, stops: Sequence[bytes], new_from: int, fl
     return None if found is None else found[1]
 
 
-def check(c: StopCriteria, text: bytes | bytearray, ends: Sequence[int], eos: bool) -> StopStatus:
-    """Call after every generated token.
+def check(c: SamplingParams, text: bytes | bytearray, ends: Sequence[int],
+          eos: bool) -> StopStatus:
+    """Call after every generated token; ``c`` gives max_tokens, min_tokens and the stops.
 
     ``text``: bytes of the generated tokens so far, EOS excluded; ``ends[i]``: where token i
     ends in ``text`` (the newest last); ``eos``: the newest token was EOS (not in ``text``).
@@ -56,9 +45,10 @@ def check(c: StopCriteria, text: bytes | bytearray, ends: Sequence[int], eos: bo
     if eos:
         return StopStatus(True, "stop", n, len(text))
     if c.stop and n >= c.min_tokens:
+        stops = c.stop_bytes
         floor = ends[c.min_tokens - 1] if c.min_tokens > 0 else 0
         new_from = ends[-2] if n > 1 else 0
-        cut = find_stop(text, c.stop, new_from, floor)
+        cut = find_stop(text, stops, new_from, floor)
         if cut is not None:
             # Keep the tokens that start before the cut (token i > 0 starts at ends[i - 1]).
             keep = int(cut > 0) + bisect.bisect_left(ends, cut)

@@ -1,6 +1,6 @@
 """Tensor-parallel self-check: does degree M reproduce the single-process logits?
 
-``python -m opt_serving.selfcheck CHECKPOINT --tp 2 [--device cuda]`` spawns M ranks (gloo on
+``python -m opt_serving.testing.selfcheck CHECKPOINT --tp 2 [--device cuda]`` spawns M ranks (gloo on
 CPU, NCCL on GPU), each loading only its own shard, and compares their logits with one
 process. The test suite runs it on CPU; run it on a GPU machine to check the NCCL path.
 """
@@ -14,10 +14,10 @@ import tempfile
 
 import torch
 
-from . import distributed
-from .checkpoint.loading import load_model
-from .config import DICT_SIZE, DTYPES
-from .model import SINGLE
+from opt_serving import distributed
+from opt_serving.checkpoint.loading import load_model
+from opt_serving.config import DICT_SIZE, DTYPES
+from opt_serving.model import SINGLE
 
 PROBE = [[2, 133, 812, 16, 10, 4, 50118, 1000, 7, 9], [2, 9, 10, 11, 12, 13, 14, 15, 16, 17]]
 
@@ -29,7 +29,7 @@ def _logits(checkpoint: str, comm, device: str, dtype: torch.dtype | None) -> to
 
 
 def _rank_main(env, checkpoint: str, out: str, device: str | None, dtype: torch.dtype | None):
-    from .tensor_parallel import DistComm
+    from opt_serving.tensor_parallel import DistComm
 
     dev = distributed.pick_device(env.local_rank, device)
     distributed.init_group(env, dev)

@@ -15,42 +15,17 @@ rows keep moving while a long prompt arrives.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from opt_serving.config import EOS_ID
-from opt_serving.protocol import RequestError
+from opt_serving.protocol import RequestError, SamplingParams
 
-WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+from .sequence import FINISHED, RUNNING, WAITING, Seq
 
 
 class QueueFull(Exception):
     """Too many requests waiting for admission: the HTTP layer answers 429 at once."""
-
-
-@dataclass(eq=False)
-class Seq:
-    """One sequence (a prompt, or one of its best_of copies) and its progress."""
-
-    id: int
-    group: int  # the request it belongs to
-    prompt: tuple[int, ...]  # model input: the leading </s>, then the kept prompt tokens
-    max_tokens: int
-    truncated: int = 0  # prompt tokens dropped from the left to fit max_tokens
-    payload: Any = None  # the engine's per-sequence state (options, RNG, text so far)
-    generated: list[int] = field(default_factory=list)
-    slot: int | None = None
-    cached: int = 0  # tokens (prompt, then generated) already written to the slot
-    state: str = WAITING
-
-    @property
-    def reserve(self) -> int:
-        """Cache positions this sequence may use: the last generated token is never fed."""
-        return len(self.prompt) + self.max_tokens
-
-    @property
-    def prefilling(self) -> bool:
-        return self.cached < len(self.prompt)
 
 
 @dataclass(frozen=True)
@@ -129,21 +104,21 @@ class Scheduler:
 
     # -- transitions ---------------------------------------------------------------------------
 
-    def submit(self, prompts: Sequence[Sequence[int]], max_tokens: int,
-               payloads: Sequence[Any] | None = None) -> tuple[Seq, ...]:
-        """Queue one request: one sequence per prompt (repeat a prompt for best_of copies).
+    def submit(self, prompts: Sequence[Sequence[int]], options: SamplingParams, *,
+               owner: Any = None, stop_ids: tuple[int, ...] = (),
+               stream: bool = False) -> tuple[Seq, ...]:
+        """Queue one request: ``options.best_of`` sequences per prompt, prompt by prompt.
         Raises QueueFull (429) or RequestError (400) and then queues nothing."""
         if self.queued_requests >= self.max_queued:
             raise QueueFull(f"{self.queued_requests} requests are already waiting; "
                             f"try again later")
-        payloads = [None] * len(prompts) if payloads is None else payloads
-        if len(payloads) != len(prompts):
-            raise ValueError("one payload per prompt")
-        fitted = [fit_prompt(p, max_tokens, self.context_len) for p in prompts]
+        fitted = [fit_prompt(p, options.max_tokens, self.context_len) for p in prompts]
         group = next(self._groups)
         seqs = tuple(Seq(id=next(self._ids), group=group, prompt=(self.bos_id, *kept),
-                         max_tokens=max_tokens, truncated=dropped, payload=payload)
-                     for (kept, dropped), payload in zip(fitted, payloads))
+                         options=options, prompt_index=p, copy=i, truncated=dropped,
+                         stop_ids=stop_ids, stream=stream, owner=owner)
+                     for p, (kept, dropped) in enumerate(fitted)
+                     for i in range(options.best_of))
         self.waiting.extend(seqs)
         return seqs
 

@@ -10,45 +10,34 @@ tokens before min_tokens; the reported log-probs are the log-softmax of those pr
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from opt_serving.config import DICT_SIZE, EOS_ID
-from opt_serving.protocol import SamplingParams  # noqa: F401 - the options the rows use
+from opt_serving.protocol import ROW_FIELDS, SamplingParams
 
 # Factual nucleus restarts its decay at the start of a sentence: after ".", "?" and "!".
 SENTENCE_END_IDS = frozenset({4, 116, 328})
 
 
-@dataclass(frozen=True)
-class RowParams:
-    """The SamplingParams of B rows as (B,) tensors."""
+_DTYPES = {"float": torch.float32, "long": torch.long, "bool": torch.bool}
 
-    temperature: torch.Tensor
-    top_p: torch.Tensor
-    top_k: torch.Tensor  # long
-    lambda_decay: torch.Tensor
-    omega_bound: torch.Tensor
-    alpha_presence: torch.Tensor
-    alpha_frequency: torch.Tensor
-    alpha_presence_src: torch.Tensor
-    alpha_frequency_src: torch.Tensor
-    min_tokens: torch.Tensor  # long
-    greedy: torch.Tensor  # bool
+
+class RowParams:
+    """The options of B rows as (B,) tensors, one per ``_row`` field of SamplingParams
+    (declared there, once), plus ``greedy`` (bool)."""
+
+    def __init__(self, columns: dict[str, torch.Tensor]):
+        self.__dict__.update(columns)
 
     @classmethod
     def stack(cls, params: Sequence[SamplingParams], device=None) -> "RowParams":
-        def col(name, dtype=torch.float32):
-            return torch.tensor([getattr(p, name) for p in params], dtype=dtype, device=device)
-        return cls(
-            temperature=col("temperature"), top_p=col("top_p"),
-            top_k=col("top_k", torch.long), lambda_decay=col("lambda_decay"),
-            omega_bound=col("omega_bound"), alpha_presence=col("alpha_presence"),
-            alpha_frequency=col("alpha_frequency"), alpha_presence_src=col("alpha_presence_src"),
-            alpha_frequency_src=col("alpha_frequency_src"),
-            min_tokens=col("min_tokens", torch.long), greedy=col("greedy", torch.bool))
+        columns = {name: torch.tensor([getattr(p, name) for p in params], dtype=_DTYPES[kind],
+                                      device=device) for name, kind in ROW_FIELDS}
+        columns["greedy"] = torch.tensor([p.greedy for p in params], dtype=torch.bool,
+                                         device=device)
+        return cls(columns)
 
 
 def make_generator(seed: int, index: int = 0) -> torch.Generator:
@@ -108,6 +97,14 @@ def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, presence: torch.
     return logits - counts * frequency[:, None] - (counts > 0) * presence[:, None]
 
 
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
+                             penalty: torch.Tensor) -> torch.Tensor:
+    """Where ``seen`` (B, V): positive logits / penalty, negative ones * penalty (HF's
+    RepetitionPenaltyLogitsProcessor, per row).  # (B, V)"""
+    p = penalty[:, None]
+    return torch.where(seen, torch.where(logits > 0, logits / p, logits * p), logits)
+
+
 def block_tokens(logits: torch.Tensor, rows: torch.Tensor,
                  ids: Sequence[Sequence[int]]) -> torch.Tensor:
     """-inf at ``ids[b]`` for the rows b where ``rows[b]`` is true.  # (B, V)"""
@@ -121,14 +118,19 @@ def block_tokens(logits: torch.Tensor, rows: torch.Tensor,
 def process_logits(logits: torch.Tensor, rp: RowParams, *,
                    generated_counts: torch.Tensor | None, source_counts: torch.Tensor | None,
                    n_generated: torch.Tensor, stop_ids: Sequence[Sequence[int]],
-                   eos_id: int = EOS_ID, dict_size: int = DICT_SIZE) -> torch.Tensor:
+                   seen: torch.Tensor | None = None, eos_id: int = EOS_ID,
+                   dict_size: int = DICT_SIZE) -> torch.Tensor:
     """The distribution tokens are drawn from (and log-probs reported on).  # (B, V) float32
 
-    Counts are ``token_counts`` (B, V), None when no row has that penalty.
+    Counts are ``token_counts`` (B, V), None when no row has that penalty; ``seen`` (B, V)
+    bool: ids in each row's prompt or output, None when no row has a repetition penalty.
     ``stop_ids[b]``: single-token stop sequences of row b, blocked with EOS while
     ``n_generated < min_tokens``.
     """
-    x = apply_temperature(logits.float(), rp.temperature)  # a new tensor: safe to edit
+    x = logits.float()
+    if seen is not None:  # on the raw logits, before temperature, as HF and vLLM do
+        x = apply_repetition_penalty(x, seen, rp.repetition_penalty)
+    x = apply_temperature(x, rp.temperature)  # a new tensor: safe to edit
     # Dictionary padding (50265..50271) decodes to "": never produce it (metaseq #12).
     x[:, dict_size:] = float("-inf")
     if generated_counts is not None:
@@ -196,17 +198,23 @@ def _sample_nucleus(probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tenso
 
 def next_tokens(logits: torch.Tensor, rp: RowParams, *, generated: Sequence[Sequence[int]],
                 sources: Sequence[Sequence[int]], stop_ids: Sequence[Sequence[int]],
-                generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                generators: Sequence[torch.Generator],
+                prompts: Sequence[Sequence[int]] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One decoding step for B rows: (tokens (B,), log-probs (B, V) of the processed
     distribution). ``generated[b]``: row b's tokens so far; ``sources[b]``: its
-    ``source_tokens``."""
+    ``source_tokens``; ``prompts[b]``: its model input (for the repetition penalty)."""
     device, vocab = logits.device, logits.shape[-1]
     # Counting is (B, V) work per step: skip it when no row is penalised.
     penalised = bool((rp.alpha_presence != 0).any() or (rp.alpha_frequency != 0).any())
     src_penalised = bool((rp.alpha_presence_src != 0).any()
                          or (rp.alpha_frequency_src != 0).any())
+    repeated = bool((rp.repetition_penalty != 1).any())
+    seen = None
+    if repeated:
+        rows = [(*p, *g) for p, g in zip(prompts or [()] * len(generated), generated)]
+        seen = token_counts(rows, vocab, device) > 0
     processed = process_logits(
-        logits, rp,
+        logits, rp, seen=seen,
         generated_counts=token_counts(generated, vocab, device) if penalised else None,
         source_counts=token_counts(sources, vocab, device) if src_penalised else None,
         n_generated=torch.tensor([len(g) for g in generated], device=device),

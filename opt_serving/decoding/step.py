@@ -1,0 +1,196 @@
+"""One decoding step, thread-free: plan, forward, sample, commit, stop (early TGI's
+``generate_token(batch)``).
+
+``Stepper.plan()`` admits waiting sequences and asks the scheduler for this step's rows;
+``Stepper.step(plan)`` runs the forward it was given on the plan's tensors, draws every row's
+next token with the row's own options and RNG, commits them and checks the stop criteria. It
+returns ``Event``s (a stream's new text, a finished sequence, a sequence that failed) and
+knows nothing of threads, HTTP or ranks: the server's ``Engine`` routes the events to request
+handles, ``generate`` collects them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from opt_serving.config import EOS_ID
+from opt_serving.protocol import EngineError
+
+from .sampling import RowParams, gather_logprobs, log_probs, next_tokens, top_logprobs
+from .scheduler import Scheduler, StepPlan
+from .sequence import RUNNING, Delta, Seq, SeqResult
+from .stopping import StopStatus, releasable
+from .work import LogitIndex, StepWork, build_work
+
+log = logging.getLogger("opt_serve.step")
+
+# The forward of one step: (prefill logits (Bp, K, V) or None, decode logits (Bd, V) or None).
+Forward = Callable[[StepWork], "tuple[torch.Tensor | None, torch.Tensor | None]"]
+
+
+@dataclass(frozen=True)
+class Event:
+    """What a step did to one sequence: new streamed output, its end, or its failure."""
+
+    seq: Seq
+    delta: Delta | None = None  # streaming sequences only
+    result: SeqResult | None = None  # finished
+    error: EngineError | None = None  # failed: its whole request is cancelled
+
+
+class StepFailed(Exception):
+    """The step raised: no row of ``plan`` advanced. The caller decides what fails: with
+    several ranks, a failure ``in_forward`` may have left the others inside a collective."""
+
+    def __init__(self, plan: StepPlan, error: Exception, in_forward: bool):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.plan, self.error, self.in_forward = plan, error, in_forward
+
+
+class Stepper:
+    """Steps a scheduler's sequences on ``forward``; ``token_bytes(id)`` is the tokenizer's."""
+
+    def __init__(self, scheduler: Scheduler, forward: Forward,
+                 token_bytes: Callable[[int], bytes]):
+        self.scheduler, self.forward, self.token_bytes = scheduler, forward, token_bytes
+        self.tokens_generated = 0
+        self.steps = 0
+
+    def plan(self) -> StepPlan:
+        self.scheduler.admit()
+        return self.scheduler.step_plan()
+
+    def step(self, plan: StepPlan) -> list[Event]:
+        """Run ``plan``; raises StepFailed when the forward or the sampling does."""
+        if not plan.rows:
+            return []
+        work, index = build_work(plan)
+        try:
+            prefill, decode = self.forward(work)
+        except Exception as e:  # noqa: BLE001 - the caller knows whether the ranks survive
+            raise StepFailed(plan, e, in_forward=True) from e
+        self.steps += 1
+        try:
+            return self._sample(plan, index, prefill, decode)
+        except Exception as e:  # noqa: BLE001 - rank 0 only: the ranks are still in step
+            raise StepFailed(plan, e, in_forward=False) from e
+
+    # -- after the forward -------------------------------------------------------------------
+
+    def _sample(self, plan: StepPlan, index: LogitIndex, prefill: torch.Tensor | None,
+                decode: torch.Tensor | None) -> list[Event]:
+        events: list[Event] = []
+        last = []  # (seq, logits (V,)) of every row that reached its newest token
+        for i, row in enumerate(plan.prefill):
+            if row.seq.options.echo:
+                echo_scores(row.seq, row.start, prefill[i, :index.prefill_positions[i]])
+            if row.last:
+                last.append((row.seq, prefill[i, index.prefill_last[i]]))
+        last += [(row.seq, decode[j]) for j, row in enumerate(plan.decode)]
+        drawn = draw_isolated([(s, lg) for s, lg in last if s.max_tokens > 0])
+        sampled = {}
+        for seq, got in drawn.items():
+            if isinstance(got, Exception):
+                if seq.state == RUNNING:  # only its request fails; the batch goes on
+                    log.error("sequence %d failed while sampling: %s", seq.id, got)
+                    self.scheduler.cancel(seq.group)
+                    events.append(Event(seq, error=EngineError(
+                        500, f"generation failed for this request: {got}",
+                        code="generation_failed")))
+            else:
+                sampled[seq.id] = got
+        self.scheduler.commit(plan, {i: token for i, (token, _, _) in sampled.items()})
+        for seq, _ in last:
+            if seq.state != RUNNING:
+                continue
+            if seq.max_tokens == 0:  # scoring only (echo): nothing to draw
+                events.append(self._finish(seq, StopStatus(True, "length", 0, 0)))
+                continue
+            token, logprob, top = sampled[seq.id]
+            eos = token == EOS_ID
+            status = seq.add(token, b"" if eos else self.token_bytes(token), logprob, top, eos)
+            self.tokens_generated += 1
+            if status.stop:
+                events.append(self._finish(seq, status))
+            elif seq.stream:
+                upto = releasable(seq.text, seq.options.stop_bytes)
+                delta = seq.delta(upto, bisect.bisect_right(seq.ends, upto), None)
+                if delta is not None:
+                    events.append(Event(seq, delta=delta))
+        return events
+
+    def _finish(self, seq: Seq, status: StopStatus) -> Event:
+        self.scheduler.finish(seq)
+        delta = (seq.delta(status.keep_bytes, status.keep_tokens, status.finish_reason or "length")
+                 if seq.stream else None)
+        return Event(seq, delta=delta, result=seq.result(status))
+
+
+def echo_scores(seq: Seq, start: int, logits: torch.Tensor) -> None:
+    """Teacher-forced log-probs of the prompt: position start + j scores prompt token
+    start + j + 1.  logits: (n, V) for the chunk's positions."""
+    n = min(logits.shape[0], len(seq.prompt) - 1 - start)
+    if n <= 0:
+        return
+    lp = log_probs(logits[:n])  # (n, V)
+    targets = torch.tensor(seq.prompt[start + 1:start + 1 + n], device=lp.device)
+    seq.prompt_logprobs += gather_logprobs(lp, targets).tolist()
+    k = seq.options.num_logprobs
+    if k:
+        values, ids = top_logprobs(lp, k)
+        seq.prompt_tops += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
+
+
+def draw_isolated(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
+    """``draw`` for the batch; when it raises, each row alone from the same RNG state, so
+    the rows that can draw draw what they would have and only the broken one gets the
+    exception."""
+    if not rows:
+        return {}
+    # Greedy rows draw nothing: only sampling rows need their RNG state kept.
+    states = [None if s.options.greedy else s.generator.get_state() for s, _ in rows]
+    try:
+        return draw(rows)
+    except Exception:  # noqa: BLE001
+        out = {}
+        for (seq, lg), state in zip(rows, states):
+            if state is not None:
+                seq.generator.set_state(state)
+            try:
+                out.update(draw([(seq, lg)]))
+            except Exception as e:  # noqa: BLE001
+                out[seq] = e
+        return out
+
+
+def draw(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
+    """seq -> (token, its log-prob, top alternatives or None) for rows (seq, logits (V,)); a
+    row whose processed scores are NaN (no distribution to draw from) gets a ValueError
+    instead, so that it alone fails."""
+    seqs = [s for s, _ in rows]
+    logits = torch.stack([lg for _, lg in rows])  # (N, V)
+    rp = RowParams.stack([s.options for s in seqs], device=logits.device)
+    tokens, lps = next_tokens(
+        logits, rp, generated=[s.generated for s in seqs], sources=[s.source for s in seqs],
+        stop_ids=[s.stop_ids for s in seqs], prompts=[s.prompt for s in seqs],
+        generators=[None if s.options.greedy else s.generator for s in seqs])
+    broken = torch.isnan(lps).any(dim=-1).tolist()  # (N,)
+    chosen = gather_logprobs(lps, tokens).tolist()
+    k = max(s.options.num_logprobs for s in seqs)
+    if k:
+        values, ids = top_logprobs(lps, k)
+        values, ids = values.tolist(), ids.tolist()
+    out = {}
+    for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        if broken[j]:
+            out[seq] = ValueError("the model's scores for it are not finite numbers "
+                                  "(NaN or infinity)")
+            continue
+        want = seq.options.num_logprobs
+        out[seq] = (token, chosen[j], list(zip(ids[j], values[j]))[:want] if want else None)
+    return out
