@@ -48,6 +48,9 @@ class ServiceConstants:
     """Request body limit: 64 prompts of 2048 ids written as JSON fit with room to spare."""
     max_queued_requests: int = 128
     """Requests waiting for admission before new ones get 429 (TGI's default concurrency)."""
+    kv_block_size: int = 16
+    """Positions per block of the paged KV cache (vLLM's default): a sequence holds
+    ceil(tokens / 16) blocks, and prompts share cached blocks of 16 tokens."""
     request_timeout_s: float = 300.0
     """A request not finished after this answers 504 and frees its slots."""
     worker_timeout_s: float = 60.0
@@ -59,7 +62,7 @@ class ServiceConstants:
     def __post_init__(self):
         positive = ("max_seq_len", "max_batch_tokens", "max_batch_size", "max_beam",
                     "default_max_tokens", "max_sequences", "max_body_bytes",
-                    "max_queued_requests", "request_timeout_s", "worker_timeout_s",
+                    "max_queued_requests", "kv_block_size", "request_timeout_s", "worker_timeout_s",
                     "client_read_timeout_s")
         for name in positive:
             if not getattr(self, name) > 0:

@@ -8,6 +8,7 @@ model afterwards and installs the collectives through the ``comm`` hooks below.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -39,21 +40,58 @@ SINGLE = Comm()
 
 
 class KVCache:
-    """Preallocated keys and values, one row ("slot") per sequence.
+    """Paged keys and values for ``num_blocks`` blocks of ``block_size`` positions.
 
-    k[layer], v[layer]: (slots, local_heads, max_len, head_dim). Each slot is filled from
-    position 0; a caller tracks how many tokens of each slot are valid (``start``).
+    k[layer], v[layer]: (local_heads, num_blocks * block_size, head_dim). Position p of a
+    sequence whose block table is t lives in row t[p // block_size] * block_size +
+    p % block_size (``decoding.blocks`` hands out the tables). Heads first, so that the keys
+    of a sequence whose blocks are consecutive are one slice that attention reads in place.
     """
 
-    def __init__(self, cfg: OPTConfig, num_slots: int, max_len: int, *,
+    def __init__(self, cfg: OPTConfig, num_blocks: int, block_size: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
                  tp_size: int = 1):
-        heads = cfg.num_heads // tp_size
-        shape = (num_slots, heads, max_len, cfg.head_dim)
-        self.max_len = max_len
-        self.num_slots = num_slots
+        shape = (cfg.num_heads // tp_size, num_blocks * block_size, cfg.head_dim)
+        self.num_blocks, self.block_size = num_blocks, block_size
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+
+
+@dataclass(frozen=True)
+class AttentionRows:
+    """Where each sequence of a packed step reads and writes, worked out once per step for all
+    layers. Sequence b's queries are packed rows spans[b]; its keys are cache rows keys[b]
+    (a slice when its blocks are consecutive: read in place, else an index tensor: gathered,
+    its own length only); mask[b]: (T_b, S_b) bool causal mask, None for one query."""
+
+    spans: tuple[tuple[int, int], ...]
+    keys: tuple  # slice | LongTensor (S_b,) per sequence
+    masks: tuple  # BoolTensor (T_b, S_b) | None per sequence
+    write: torch.Tensor  # (N,) cache rows of the packed tokens
+
+    @classmethod
+    def build(cls, starts: list[int], lengths: list[int], tables: list[list[int]],
+              block_size: int, device) -> "AttentionRows":
+        spans, keys, masks, write = [], [], [], []
+        offset = 0
+        for start, n, table in zip(starts, lengths, tables):
+            end = start + n  # keys: positions 0 .. end - 1
+            blocks = table[:-(-end // block_size)]
+            spans.append((offset, offset + n))
+            offset += n
+            if all(b == blocks[0] + i for i, b in enumerate(blocks)):
+                base = blocks[0] * block_size
+                keys.append(slice(base, base + end))
+                write.append(torch.arange(base + start, base + end))
+            else:
+                rows = (torch.tensor(blocks)[:, None] * block_size
+                        + torch.arange(block_size)).flatten()[:end]
+                keys.append(rows.to(device))
+                write.append(rows[start:end])
+            masks.append(None if n == 1 else (
+                torch.arange(end, device=device)[None, :]
+                <= torch.arange(start, end, device=device)[:, None]))
+        return cls(tuple(spans), tuple(keys), tuple(masks), torch.cat(write).to(device))
 
 
 class SelfAttention(nn.Module):
@@ -67,21 +105,32 @@ class SelfAttention(nn.Module):
         self.head_dim = cfg.head_dim
         self.comm: Comm = SINGLE
 
-    def forward(self, x, layer: int, mask, cache: KVCache | None, slots, write_idx):
-        b, t, _ = x.shape  # (B, T, D)
-        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # each (B, T, H_local * hd)
-        k, v, q = (y.view(b, t, self.num_heads, self.head_dim).transpose(1, 2) for y in (k, v, q))
-        if cache is not None:
-            # write_idx: (B, T) absolute cache positions of the new tokens.
+    def forward(self, x, layer: int, cache: KVCache | None, rows: AttentionRows | None):
+        """x: (B, T, D) causal over each row without a cache, or (N, D) packed sequences
+        whose keys and values go into ``cache`` where ``rows`` says."""
+        h, hd = self.num_heads, self.head_dim
+        k, v, q = self.qkv_proj(x).chunk(3, dim=-1)  # each (..., H_local * hd)
+        if cache is None:
+            b, t, _ = x.shape
+            k, v, q = (y.view(b, t, h, hd).transpose(1, 2) for y in (k, v, q))  # (B, H, T, hd)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = y.transpose(1, 2).reshape(b, t, h * hd)
+        else:
+            n = x.shape[0]
+            k, v, q = (y.view(n, h, hd).transpose(0, 1) for y in (k, v, q))  # (H, N, hd)
             ck, cv = cache.k[layer], cache.v[layer]
-            rows = slots[:, None].expand(b, t)
-            ck[rows, :, write_idx] = k.transpose(1, 2).to(ck.dtype)
-            cv[rows, :, write_idx] = v.transpose(1, 2).to(cv.dtype)
-            klen = mask.shape[-1]
-            k, v = ck[slots, :, :klen], cv[slots, :, :klen]  # (B, H, S, hd)
-        # mask: (B, 1, T, S) bool, True = may attend. Softmax runs in fp32 inside SDPA kernels.
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask)
-        y = y.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim)
+            ck.index_copy_(1, rows.write, k.to(ck.dtype))
+            cv.index_copy_(1, rows.write, v.to(cv.dtype))
+            y = torch.empty_like(q)
+            for (s, e), keys, mask in zip(rows.spans, rows.keys, rows.masks):
+                if isinstance(keys, slice):
+                    kb, vb = ck[:, keys], cv[:, keys]  # (H, S, hd) views of the cache
+                else:
+                    kb, vb = ck.index_select(1, keys), cv.index_select(1, keys)
+                # Softmax runs in fp32 inside the SDPA kernels.
+                y[:, s:e] = F.scaled_dot_product_attention(q[:, s:e], kb.to(q.dtype),
+                                                           vb.to(q.dtype), attn_mask=mask)
+            y = y.transpose(0, 1).reshape(n, h * hd)
         return row_parallel(self.out_proj, y, self.comm)
 
 
@@ -100,8 +149,8 @@ class DecoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.ffn_dim, cfg.embed_dim)
         self.final_layer_norm = nn.LayerNorm(cfg.embed_dim)
 
-    def forward(self, x, layer, mask, cache, slots, write_idx):
-        x = x + self.self_attn(self.self_attn_layer_norm(x), layer, mask, cache, slots, write_idx)
+    def forward(self, x, layer, cache, rows):
+        x = x + self.self_attn(self.self_attn_layer_norm(x), layer, cache, rows)
         h = F.relu(self.fc1(self.final_layer_norm(x)))
         return x + row_parallel(self.fc2, h, self.self_attn.comm)
 
@@ -121,8 +170,8 @@ class Decoder(nn.Module):
 
 
 class OPTModel(nn.Module):
-    """``logits = model(tokens, start=..., cache=..., slots=...)``: (B, T) ids -> (B, T, V)."""
-
+    """``model(tokens)``: (B, T) ids -> (B, T, V) logits; ``model.step(...)``: a packed step
+    over the paged KV cache (the engine's)."""
 
     def __init__(self, cfg: OPTConfig):
         super().__init__()
@@ -140,43 +189,33 @@ class OPTModel(nn.Module):
         x = dec.embed_tokens(local.masked_fill(outside, 0))
         return dec.comm.all_reduce(x.masked_fill(outside[..., None], 0.0))
 
-    def forward(self, tokens: torch.Tensor, *, start: torch.Tensor | None = None,
-                cache: KVCache | None = None, slots: torch.Tensor | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T); start (B,) tokens already cached per row; slots (B,) cache rows;
-        select (B, K) time indices whose logits are wanted (default: all T)."""
-        b, t = tokens.shape
-        dev = tokens.device
-        if start is None:
-            start = torch.zeros(b, dtype=torch.long, device=dev)
-        qpos = start[:, None] + torch.arange(t, device=dev)[None, :]  # (B, T) absolute positions
-        if cache is None:
-            if bool((start != 0).any()):
-                raise ValueError("a non-zero start needs a KV cache")
-            kpos = torch.arange(t, device=dev)
-        else:
-            if slots is None:
-                raise ValueError("a KV cache needs slots")
-            klen = int(qpos.max()) + 1
-            if klen > cache.max_len:
-                raise ValueError(f"sequence of {klen} tokens exceeds the cache's {cache.max_len}")
-            kpos = torch.arange(klen, device=dev)
-        mask = (kpos[None, None, :] <= qpos[:, :, None])[:, None]  # (B, 1, T, S)
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of whole sequences, no cache: tokens (B, T) -> (B, T, V)."""
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return self._run(tokens, positions, None, None, None)
 
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+             rows: AttentionRows, select: torch.Tensor) -> torch.Tensor:
+        """One packed step: tokens, positions (N,) of every sequence's new tokens, one after
+        the other; their keys and values go into ``cache``; logits only at the packed rows
+        ``select`` (S,) -> (S, V)."""
+        return self._run(tokens, positions, cache, rows, select)
+
+    def _run(self, tokens, positions, cache, rows, select) -> torch.Tensor:
         dec = self.decoder
         x = self.embed(tokens)
         if self.cfg.scale_embedding:
             x = x * self.cfg.embed_dim ** 0.5
-        pos = (qpos + POSITION_OFFSET).clamp(max=dec.embed_positions.weight.shape[0] - 1)
+        pos = (positions + POSITION_OFFSET).clamp(max=dec.embed_positions.weight.shape[0] - 1)
         x = x + dec.embed_positions(pos)
         backends = sdpa_kernel(list(_CUDA_ATTENTION)) if x.is_cuda else contextlib.nullcontext()
         with backends:
             for i, layer in enumerate(dec.layers):
-                x = layer(x, i, mask, cache, slots, qpos)
-        if select is not None:  # project only the positions we sample from: (B, K, D)
-            x = x.gather(1, select[:, :, None].expand(-1, -1, x.shape[-1]))
+                x = layer(x, i, cache, rows)
+        if select is not None:  # project only the positions we sample from: (S, D)
+            x = x.index_select(0, select)
         x = dec.layer_norm(x)
-        # Tied output head: (B, T, D) @ (V_local, D).T, gathered so every rank sees all of V.
+        # Tied output head: (..., D) @ (V_local, D).T, gathered so every rank sees all of V.
         logits = dec.comm.all_gather_last(F.linear(x, dec.embed_tokens.weight))
         # Dictionary padding symbols ("madeupword", ids >= dict_size) are never produced.
         logits[..., self.cfg.dict_size:] = float("-inf")

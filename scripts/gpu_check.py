@@ -19,7 +19,7 @@ import torch
 
 from opt_serving.config import DICT_SIZE, get_preset
 from opt_serving.decoding.generate import generate
-from opt_serving.model import KVCache, OPTModel, init_random
+from opt_serving.model import OPTModel, init_random
 from opt_serving.protocol import SamplingParams
 
 
@@ -59,21 +59,17 @@ def main(argv=None) -> int:
             gpu = model(tokens.cuda())[..., :DICT_SIZE].float().cpu()
             diff = (gpu - cpu).abs().max().item()
             agree = (gpu.argmax(-1) == cpu.argmax(-1)).float().mean().item()
-            # Cached, token-by-token decoding must reproduce the full forward.
-            cache = KVCache(cfg, 4, 64, dtype=dtype, device="cuda")
-            slots = torch.arange(4, device="cuda")
-            first = model(tokens[:, :40].cuda(), start=torch.zeros(4, dtype=torch.long,
-                                                                    device="cuda"),
-                          cache=cache, slots=slots)
-            rest = [model(tokens[:, 40 + i:41 + i].cuda(), start=torch.full((4,), 40 + i,
-                                                                             device="cuda"),
-                          cache=cache, slots=slots) for i in range(8)]
-            inc = torch.cat([first, *rest], 1)[..., :DICT_SIZE].float().cpu()
-            inc_diff = (inc - gpu).abs().max().item()
+            # The engine's path (packed steps, paged KV cache, prompts in 16-token chunks)
+            # must score the prompt as the full forward does.
+            res = generate(model, tokens[:, 1:].tolist(), SamplingParams(max_tokens=0, echo=True),
+                           step_tokens=16)
+            paged = torch.tensor([r.prompt_logprobs for r in res])  # (4, 47)
+            full = torch.log_softmax(gpu[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
+            inc_diff = (paged - full).abs().max().item()
             good = diff < tol * scale and agree > 0.97 and inc_diff < tol * scale
             ok &= good
             print(f"{str(dtype):15s} max |logit - cpu fp32| {diff:.3g}, argmax agreement "
-                  f"{agree:.3f}, cached vs full {inc_diff:.3g} (largest logit {scale:.3g}): "
+                  f"{agree:.3f}, paged log-probs vs full {inc_diff:.3g} (largest logit {scale:.3g}): "
                   f"{'ok' if good else 'FAIL'}")
             for batch in (1, 16):
                 rate = _decode_rate(model, batch, args.steps)

@@ -40,14 +40,9 @@ class ScriptedRunner:
     def run(self, work):
         self.steps += 1
         self.on_step(self.steps)
-        bp, k = work.prefill_tokens.shape[0], work.prefill_select.shape[1]
-        bd = work.decode_tokens.shape[0]
-        prefill = torch.zeros(bp, k, VOCAB_SIZE) if bp else None
-        decode = torch.zeros(bd, VOCAB_SIZE) if bd else None
-        for x in (prefill, decode):
-            if x is not None:
-                x[..., WORD] = 10.0
-        return prefill, decode
+        logits = torch.zeros(work.select.shape[0], VOCAB_SIZE)  # (S, V)
+        logits[:, WORD] = 10.0
+        return logits
 
 
 class ScriptedControl:
@@ -76,11 +71,12 @@ def tok():
 def rig(tok):
     clock, runner, control = Clock(), ScriptedRunner(), ScriptedControl()
 
-    def start(world_size: int = 1, slots: int = 4, queued: int = 8) -> Engine:
+    def start(world_size: int = 1, seqs: int = 4, queued: int = 8) -> Engine:
         control.world_size = world_size
         return Engine(runner=runner, control=control, tokenizer=tok, request_timeout_s=10.0,
-                      scheduler=Scheduler(num_slots=slots, slot_len=128, max_queued=queued,
-                                          step_tokens=256, max_seq_len=128),
+                      scheduler=Scheduler(num_blocks=64, block_size=16, max_seqs=seqs,
+                                          max_queued=queued, step_tokens=256,
+                                          max_seq_len=128),
                       clock=clock, ping_interval_s=1e9).start()
     engines = []
     yield clock, runner, control, lambda *a: engines.append(start(*a)) or engines[-1]
@@ -102,7 +98,7 @@ def test_a_request_completes(rig, tok):
 
 def test_timeout_is_504_and_frees_the_slot(rig, tok):
     clock, runner, _, start = rig
-    engine = start(1, 1)  # one slot: the next request runs only if the timed-out one freed it
+    engine = start(1, 1)  # one sequence at a time: the next runs only if the first was freed
 
     def slow(n):  # the third step "takes" 11 s of the 10 s budget
         if n == 3:
@@ -181,7 +177,7 @@ def test_routes_over_the_scripted_engine(rig, tok):
 
 
 def test_overload_is_429_at_once_and_timeouts_are_504_over_http(rig, tok):
-    """One slot and one queue place: a third request is refused at once with Retry-After;
+    """One running sequence and one queue place: a third request is refused at once with Retry-After;
     the running and the queued one time out as 504s when the clock passes their deadline."""
     clock, runner, _, start = rig
     engine = start(1, 1, 1)

@@ -49,24 +49,25 @@ class PoisoningRunner(ModelRunner):
     numbers blow up on one input), as fp16 overflow would."""
 
     def run(self, work):
-        prefill, decode = super().run(work)
-        if prefill is not None:
-            rows = (work.prefill_tokens == POISON).any(dim=1)
-            prefill[rows] = float("nan")
-        if decode is not None:
-            decode[(work.decode_tokens == POISON).any(dim=1)] = float("nan")
-        return prefill, decode
+        logits = super().run(work)  # (S, V) at the packed rows work.select
+        start = 0
+        for n in work.lengths.tolist():  # each sequence's packed rows start .. start + n - 1
+            if (work.tokens[start:start + n] == POISON).any():
+                logits[(work.select >= start) & (work.select < start + n)] = float("nan")
+            start += n
+        return logits
 
 
 @pytest.fixture
 def inproc(reference, tiny_cfg):
     """An engine on the served weights with the poisoning runner, and its Flask app."""
     model, tok = reference
-    cache = KVCache(tiny_cfg, 8, 256, dtype=torch.float32, device="cpu")
+    cache = KVCache(tiny_cfg, num_blocks=128, block_size=16, dtype=torch.float32, device="cpu")
     engine = Engine(runner=PoisoningRunner(model, cache, torch.device("cpu")),
                     control=Control(1, 10.0), scheduler=Scheduler(
-                        num_slots=8, slot_len=256, max_queued=16, step_tokens=512,
-                        max_seq_len=256), tokenizer=tok, request_timeout_s=60.0).start()
+                        num_blocks=128, block_size=16, max_seqs=8, max_queued=16,
+                        step_tokens=512, max_seq_len=256), tokenizer=tok,
+                    request_timeout_s=60.0).start()
     app = create_app(Service(engine=engine, tokenizer=tok, limits=DEFAULTS, model_name="t"))
     yield engine, app, tok
     engine.shutdown()

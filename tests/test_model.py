@@ -5,7 +5,7 @@ import torch
 
 from opt_serving.config import DICT_SIZE, PRESETS, get_preset
 from opt_serving.decoding.generate import generate
-from opt_serving.model import KVCache, OPTModel, init_random
+from opt_serving.model import AttentionRows, KVCache, OPTModel, init_random
 from opt_serving.protocol import SamplingParams
 from opt_serving.testing.hf_twin import hf_twin
 
@@ -41,25 +41,42 @@ def test_greedy_continuation_matches_hf_generate(pair):
         assert list(ours.generated) == theirs
 
 
-def test_cached_ragged_batch_equals_separate_forwards(pair):
+def packed_step(model, cache, rows):
+    """One packed step; rows: (start, tokens, block table). Logits at every packed token."""
+    starts = [start for start, _, _ in rows]
+    lengths = [len(tokens) for _, tokens, _ in rows]
+    attn = AttentionRows.build(starts, lengths, [list(t) for _, _, t in rows],
+                               cache.block_size, "cpu")
+    tokens = torch.tensor([t for _, ts, _ in rows for t in ts])
+    positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+    return model.step(tokens, positions, cache, attn, torch.arange(len(tokens)))
+
+
+def test_packed_paged_steps_equal_separate_forwards(pair):
+    """Two sequences packed in one forward, their keys in 4-position blocks: a in consecutive
+    blocks (read in place), b in scattered ones (gathered); a chunked prefill, then a step
+    where a takes two tokens and b decodes one."""
     model, _ = pair
-    a = torch.tensor([2, 5, 6, 7, 8, 9])
-    b = torch.tensor([2, 40, 41])
+    a, b = [2, 5, 6, 7, 8, 9], [2, 40, 41, 42, 43]
+    table_a, table_b = [1, 2], [5, 0]
     with torch.no_grad():
-        full_a, full_b = model(a[None])[0], model(b[None])[0]
-        cache = KVCache(model.cfg, 4, 16)
-        # Prefill both prompts in one right-padded batch, in cache slots 3 and 1.
-        batch = torch.stack([a[:4], torch.cat([b, torch.tensor([1])])])
-        slots, start = torch.tensor([3, 1]), torch.tensor([0, 0])
-        out = model(batch, start=start, cache=cache, slots=slots)
-        torch.testing.assert_close(out[0, :4, :DICT_SIZE], full_a[:4, :DICT_SIZE], atol=1e-5, rtol=0)
-        torch.testing.assert_close(out[1, :3, :DICT_SIZE], full_b[:, :DICT_SIZE], atol=1e-5, rtol=0)
-        # Next step: a continues with two tokens, b decodes one (padding overwritten later).
-        step = torch.tensor([[a[4], a[5]], [7, 1]])
-        out = model(step, start=torch.tensor([4, 3]), cache=cache, slots=slots)
-        torch.testing.assert_close(out[0, :, :DICT_SIZE], full_a[4:, :DICT_SIZE], atol=1e-5, rtol=0)
-        ref_b = model(torch.cat([b, torch.tensor([7])])[None])[0, -1, :DICT_SIZE]
-        torch.testing.assert_close(out[1, 0, :DICT_SIZE], ref_b, atol=1e-5, rtol=0)
+        full_a, full_b = model(torch.tensor([a]))[0], model(torch.tensor([b + [7]]))[0]
+        cache = KVCache(model.cfg, num_blocks=6, block_size=4)
+        out = packed_step(model, cache, [(0, a[:4], table_a), (0, b, table_b)])
+        close = dict(atol=1e-5, rtol=0)
+        torch.testing.assert_close(out[:4, :DICT_SIZE], full_a[:4, :DICT_SIZE], **close)
+        torch.testing.assert_close(out[4:, :DICT_SIZE], full_b[:5, :DICT_SIZE], **close)
+        out = packed_step(model, cache, [(4, a[4:], table_a), (5, [7], table_b)])
+        torch.testing.assert_close(out[:2, :DICT_SIZE], full_a[4:, :DICT_SIZE], **close)
+        torch.testing.assert_close(out[2, :DICT_SIZE], full_b[5, :DICT_SIZE], **close)
+
+
+def test_attention_reads_consecutive_blocks_in_place():
+    rows = AttentionRows.build([3, 0], [1, 5], [[2, 3], [4, 1]], block_size=4, device="cpu")
+    assert rows.keys[0] == slice(8, 12)  # blocks 2, 3: cache rows 8.. in place
+    assert rows.keys[1].tolist() == [16, 17, 18, 19, 4]  # blocks 4 then 1: gathered
+    assert rows.write.tolist() == [11, 16, 17, 18, 19, 4]
+    assert rows.masks[0] is None and rows.masks[1].shape == (5, 5)
 
 
 def test_padding_symbols_are_never_produced(pair):

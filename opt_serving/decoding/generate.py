@@ -23,19 +23,22 @@ from .work import ModelRunner
 def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
              options: SamplingParams = SamplingParams(temperature=0.0), *,
              token_bytes: Callable[[int], bytes] | None = None, step_tokens: int = 512,
-             ) -> list[SeqResult]:
+             block_size: int = 16, kv_tokens: int | None = None) -> list[SeqResult]:
     """Every sequence's result (``best_of`` per prompt, prompt by prompt) for token-id
-    prompts; ``token_bytes`` (the tokenizer's) is needed for stop sequences."""
+    prompts; ``token_bytes`` (the tokenizer's) is needed for stop sequences. ``kv_tokens``:
+    the KV cache (default: room for every sequence at once)."""
     if options.stop and token_bytes is None:
         raise ValueError("stop sequences match on text: pass the tokenizer's token_bytes")
     param = next(model.parameters())
     slot_len = min(max(len(p) for p in prompts) + options.max_tokens + 1,
                    model.cfg.max_positions)
-    slots = len(prompts) * options.best_of
-    cache = KVCache(model.cfg, slots, slot_len, dtype=param.dtype, device=param.device,
+    seqs = len(prompts) * options.best_of
+    blocks = -(-(kv_tokens or seqs * slot_len) // block_size)
+    cache = KVCache(model.cfg, blocks, block_size, dtype=param.dtype, device=param.device,
                     tp_size=model.decoder.comm.size)
-    scheduler = Scheduler(num_slots=slots, slot_len=slot_len, max_queued=1,
-                          step_tokens=step_tokens, max_seq_len=model.cfg.max_positions)
+    scheduler = Scheduler(num_blocks=blocks, block_size=block_size, max_seqs=seqs,
+                          max_queued=1, step_tokens=step_tokens,
+                          max_seq_len=model.cfg.max_positions)
     stepper = Stepper(scheduler, ModelRunner(model, cache, param.device).run,
                       token_bytes or (lambda _: b""))
     seqs = scheduler.submit(prompts, options.seeded())

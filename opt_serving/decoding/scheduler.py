@@ -3,13 +3,18 @@
 A plain data structure, no threads and no model: the engine loop (which owns it) calls
 ``admit()`` and ``step_plan()``, runs the model on the plan, ``commit()``s the tokens it
 sampled and ``finish()``es the sequences that stopped. Sequences join and leave the running
-batch at every step (iteration-level batching, as TGI and vLLM).
+batch at every step (iteration-level batching, as TGI and vLLM), and every step is one
+ragged forward: one token of each decoding sequence plus chunks of prompts while
+``step_tokens`` lasts (vLLM's chunked prefill), so the weights are read once per step.
 
-Memory: every running sequence owns one KV-cache slot (a row of ``slot_len`` positions) and
-reserves its prompt plus ``max_tokens`` up front against a token budget, so a running sequence
-can never run out of cache; admission waits (first come, first served) when no slot or budget
-is free. Long prompts are prefilled in chunks of at most ``step_tokens`` per step so decoding
-rows keep moving while a long prompt arrives.
+Memory is paged (``blocks.BlockPool``): a sequence holds blocks for the tokens it has. On
+admission it takes what the prefix cache holds of its prompt and blocks for the rest; while
+decoding it takes a block whenever it fills one. Admission waits (first come, first served)
+until the pool has room for a prompt. When a decoding sequence needs a block and none is
+left, the most recently admitted sequence is preempted by recompute: its blocks go back
+(full ones stay in the prefix cache), it returns to the head of the queue with what it has
+generated, and on readmission its tokens are fed again (mostly from the prefix cache). Its
+output, options and RNG state are kept, so the result does not change.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Mapping, Sequence
 from opt_serving.config import EOS_ID
 from opt_serving.protocol import RequestError, SamplingParams
 
+from .blocks import BlockPool, chain_digests
 from .sequence import FINISHED, RUNNING, WAITING, Seq
 
 
@@ -30,27 +36,21 @@ class QueueFull(Exception):
 
 @dataclass(frozen=True)
 class Row:
-    """One batch row of a step: feed ``tokens`` into ``slot`` at positions start.."""
+    """One sequence's part of a step: feed ``tokens`` at positions start.. (its keys and
+    values go into ``blocks``, the sequence's block table as of this step)."""
 
     seq: Seq
-    slot: int
     start: int
     tokens: tuple[int, ...]
+    blocks: tuple[int, ...]
     last: bool  # the chunk reaches the newest known token: its last logits pick the next one
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    """One step's work. Prefill rows are chunks of prompts: right-padded to the longest one,
-    every row still fits its slot. Decode rows feed one token each. Run them as two forwards
-    ((Bp, T) and (Bd, 1)) or pad them into one."""
+    """One step's rows, decoding sequences first, run as one ragged forward."""
 
-    prefill: tuple[Row, ...]
-    decode: tuple[Row, ...]
-
-    @property
-    def rows(self) -> tuple[Row, ...]:
-        return self.prefill + self.decode
+    rows: tuple[Row, ...]
 
 
 def fit_prompt(prompt: Sequence[int], max_tokens: int,
@@ -66,37 +66,39 @@ def fit_prompt(prompt: Sequence[int], max_tokens: int,
 
 
 class Scheduler:
-    """Not thread-safe: one engine loop owns it; HTTP threads hand it work through the loop."""
+    """Not thread-safe: one engine loop owns it; HTTP threads hand it work through the loop.
 
-    def __init__(self, *, num_slots: int, slot_len: int, max_queued: int, step_tokens: int,
-                 kv_budget: int | None = None, max_seq_len: int = 2048, bos_id: int = EOS_ID):
-        if min(num_slots, slot_len, max_queued, step_tokens) < 1:
-            raise ValueError("num_slots, slot_len, max_queued and step_tokens must be >= 1")
-        self.num_slots, self.slot_len = num_slots, slot_len
-        self.max_queued, self.step_tokens = max_queued, step_tokens
-        self.kv_budget = num_slots * slot_len if kv_budget is None else kv_budget
+    ``num_blocks`` x ``block_size``: the KV cache (--kv-tokens); ``max_seqs``: the most
+    sequences running at once; ``max_queued``: requests waiting before 429s;
+    ``step_tokens``: prompt tokens one step may prefill."""
+
+    def __init__(self, *, num_blocks: int, block_size: int, max_seqs: int, max_queued: int,
+                 step_tokens: int, max_seq_len: int = 2048, prefix_caching: bool = True,
+                 bos_id: int = EOS_ID):
+        if min(num_blocks, block_size, max_seqs, max_queued, step_tokens) < 1:
+            raise ValueError("num_blocks, block_size, max_seqs, max_queued and step_tokens "
+                             "must be >= 1")
+        self.pool = BlockPool(num_blocks, block_size)
+        self.max_seqs, self.max_queued, self.step_tokens = max_seqs, max_queued, step_tokens
+        self.prefix_caching = prefix_caching
         # The longest sequence that can ever be admitted.
-        self.context_len = min(max_seq_len, slot_len, self.kv_budget)
+        self.context_len = min(max_seq_len, num_blocks * block_size)
         self.bos_id = bos_id
         self.waiting: list[Seq] = []
         self.running: list[Seq] = []  # in admission order
-        self._free = list(range(num_slots))
+        self.preempted = 0  # sequences preempted so far (a counter for /metrics)
         self._ids = itertools.count()
         self._groups = itertools.count()
 
     # -- bookkeeping ---------------------------------------------------------------------------
 
     @property
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    @property
     def queued_requests(self) -> int:
         return len({s.group for s in self.waiting})
-
-    @property
-    def reserved_tokens(self) -> int:
-        return sum(s.reserve for s in self.running)
-
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
 
     @property
     def idle(self) -> bool:
@@ -123,46 +125,101 @@ class Scheduler:
         return seqs
 
     def admit(self) -> list[Seq]:
-        """Move waiting sequences into the running batch, oldest first, while a slot and the
-        token budget allow. The oldest one that does not fit blocks the rest, so a long
-        request is not starved by a stream of short ones."""
+        """Move waiting sequences into the running batch, oldest first, while the pool holds
+        their known tokens (less what the prefix cache has) and ``max_seqs`` allows. The
+        oldest one that does not fit blocks the rest, so a long request is not starved by a
+        stream of short ones. A little room is kept for the running ones to grow into."""
         admitted = []
-        reserved = self.reserved_tokens
-        while self.waiting and self._free:
+        pool = self.pool
+        while self.waiting and len(self.running) < self.max_seqs:
             seq = self.waiting[0]
-            if reserved + seq.reserve > self.kv_budget:
+            known = seq.known
+            # Cached blocks must leave a token to feed: its logits pick the next token.
+            # Echo needs every prompt position scored, so it computes its prompt afresh.
+            usable = (known - 1) // self.block_size
+            if len(seq.digests) < usable:
+                seq.digests = chain_digests(seq.tokens(0, usable * self.block_size),
+                                            self.block_size)
+            shared = self.prefix_caching and not seq.options.echo
+            hits = pool.match_length(seq.digests[:usable]) if shared else 0
+            need = pool.blocks_for(known) - hits
+            keep = max(1, pool.num_blocks // 100) if self.running else 0
+            if need > pool.available - keep:
                 break
             self.waiting.pop(0)
-            seq.slot, seq.state = self._free.pop(0), RUNNING
-            reserved += seq.reserve
+            seq.blocks = pool.lookup(seq.digests[:usable]) if shared else []
+            seq.cached = len(seq.blocks) * self.block_size
+            reach = pool.blocks_for(min(seq.reserve, self.context_len))
+            pool.plan_home(seq.id, seq.blocks[-1] if seq.blocks else None,
+                           reach - len(seq.blocks))
+            while len(seq.blocks) < pool.blocks_for(known):
+                block = pool.allocate(seq.id, seq.blocks[-1] if seq.blocks else None)
+                if block is None:  # cached blocks it matched were counted as room: undo
+                    pool.release(seq.id, seq.blocks)
+                    seq.blocks, seq.cached = [], 0
+                    self.waiting.insert(0, seq)
+                    return admitted
+                seq.blocks.append(block)
+            seq.state = RUNNING
             self.running.append(seq)
             admitted.append(seq)
         return admitted
 
     def step_plan(self) -> StepPlan:
-        """This step's rows: a chunk of every prefilling sequence while ``step_tokens`` lasts
-        (oldest first), and one token for each sequence that has a newly sampled one."""
-        prefilling = [s for s in self.running if s.prefilling]
-        # Prefill rows are padded to the longest chunk: no chunk may exceed any row's room.
-        room = min((self.slot_len - s.cached for s in prefilling), default=0)
+        """This step's rows: the newest token of every decoding sequence (taking a block when
+        it starts one, preempting the youngest sequence when the pool is full), then prompt
+        chunks, oldest first, while ``step_tokens`` lasts."""
+        decode = []
+        for seq in list(self.running):
+            if seq.state != RUNNING or seq.known - seq.cached != 1:
+                continue
+            if self._room(seq, seq.cached + 1):
+                decode.append(Row(seq, seq.cached, seq.tokens(seq.cached, seq.known),
+                                  tuple(seq.blocks), last=True))
+        decode = [r for r in decode if r.seq.state == RUNNING]  # not preempted since
         budget, prefill = self.step_tokens, []
-        for s in prefilling:
+        for seq in self.running:
+            todo = seq.known - seq.cached
             if budget <= 0:
                 break
-            n = min(len(s.prompt) - s.cached, budget, room)
-            end = s.cached + n
-            prefill.append(Row(s, s.slot, s.cached, s.prompt[s.cached:end],
-                               last=end == len(s.prompt)))
+            if todo <= 1:
+                continue
+            n = min(todo, budget)
+            end = seq.cached + n
+            prefill.append(Row(seq, seq.cached, seq.tokens(seq.cached, end), tuple(seq.blocks),
+                               last=end == seq.known))
             budget -= n
-        decode = tuple(Row(s, s.slot, s.cached, (s.generated[-1],), last=True)
-                       for s in self.running
-                       if not s.prefilling and s.cached < len(s.prompt) + len(s.generated))
-        return StepPlan(tuple(prefill), decode)
+        return StepPlan(tuple(decode + prefill))
+
+    def _room(self, seq: Seq, tokens: int) -> bool:
+        """Blocks for ``tokens`` positions of ``seq``, preempting the youngest running
+        sequences for them; False when ``seq`` itself had to go."""
+        while len(seq.blocks) < self.pool.blocks_for(tokens):
+            block = self.pool.allocate(seq.id, seq.blocks[-1] if seq.blocks else None)
+            if block is not None:
+                seq.blocks.append(block)
+                continue
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def preempt(self, seq: Seq) -> None:
+        """Back to the head of the queue, its blocks released (recompute on readmission)."""
+        self.pool.release(seq.id, seq.blocks)
+        self.running.remove(seq)
+        seq.blocks, seq.cached, seq.state = [], 0, WAITING
+        seq.preemptions += 1
+        self.preempted += 1
+        self.waiting.insert(0, seq)
 
     def commit(self, plan: StepPlan, sampled: Mapping[int, int]) -> None:
         """Record a step: the rows' tokens are in the cache now, and ``sampled[seq.id]`` is the
         token drawn for each ``last`` row (absent when the engine stops the sequence without
-        drawing, e.g. max_tokens 0; it must then finish it)."""
+        drawing, e.g. max_tokens 0; it must then finish it). Blocks that filled up are
+        offered to the prefix cache."""
+        bs = self.block_size
         for row in plan.rows:
             seq = row.seq
             if seq.state != RUNNING:
@@ -170,13 +227,20 @@ class Scheduler:
             seq.cached = row.start + len(row.tokens)
             if row.last and seq.id in sampled:
                 seq.generated.append(sampled[seq.id])
+            full = seq.cached // bs
+            if len(seq.digests) < full:
+                seq.digests += chain_digests(seq.tokens(0, full * bs), bs, len(seq.digests),
+                                             seq.digests[-1] if seq.digests else b"")
+            if self.prefix_caching:
+                for i in range(row.start // bs, full):
+                    self.pool.register(seq.blocks[i], seq.digests[i])
 
     def finish(self, seq: Seq) -> None:
-        """Release a sequence's slot and reservation (or take it out of the queue)."""
+        """Release a sequence's blocks (or take it out of the queue)."""
         if seq.state == RUNNING:
             self.running.remove(seq)
-            self._free.append(seq.slot)
-            self._free.sort()
+            self.pool.release(seq.id, seq.blocks)
+            seq.blocks = []
         elif seq.state == WAITING:
             self.waiting.remove(seq)
         seq.state = FINISHED

@@ -29,8 +29,8 @@ from .work import LogitIndex, StepWork, build_work
 
 log = logging.getLogger("opt_serve.step")
 
-# The forward of one step: (prefill logits (Bp, K, V) or None, decode logits (Bd, V) or None).
-Forward = Callable[[StepWork], "tuple[torch.Tensor | None, torch.Tensor | None]"]
+# The forward of one step: logits (S, V) at the packed rows the work selects.
+Forward = Callable[[StepWork], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -71,27 +71,26 @@ class Stepper:
             return []
         work, index = build_work(plan)
         try:
-            prefill, decode = self.forward(work)
+            logits = self.forward(work)
         except Exception as e:  # noqa: BLE001 - the caller knows whether the ranks survive
             raise StepFailed(plan, e, in_forward=True) from e
         self.steps += 1
         try:
-            return self._sample(plan, index, prefill, decode)
+            return self._sample(plan, index, logits)
         except Exception as e:  # noqa: BLE001 - rank 0 only: the ranks are still in step
             raise StepFailed(plan, e, in_forward=False) from e
 
     # -- after the forward -------------------------------------------------------------------
 
-    def _sample(self, plan: StepPlan, index: LogitIndex, prefill: torch.Tensor | None,
-                decode: torch.Tensor | None) -> list[Event]:
+    def _sample(self, plan: StepPlan, index: LogitIndex, logits: torch.Tensor) -> list[Event]:
         events: list[Event] = []
         last = []  # (seq, logits (V,)) of every row that reached its newest token
-        for i, row in enumerate(plan.prefill):
+        for row, first, count in zip(plan.rows, index.first, index.count):
+            mine = logits[first:first + count]  # (count, V)
             if row.seq.options.echo:
-                echo_scores(row.seq, row.start, prefill[i, :index.prefill_positions[i]])
+                echo_scores(row.seq, row.start, mine)
             if row.last:
-                last.append((row.seq, prefill[i, index.prefill_last[i]]))
-        last += [(row.seq, decode[j]) for j, row in enumerate(plan.decode)]
+                last.append((row.seq, mine[-1]))
         drawn = draw_isolated([(s, lg) for s, lg in last if s.max_tokens > 0])
         sampled = {}
         for seq, got in drawn.items():
@@ -133,12 +132,14 @@ class Stepper:
 
 def echo_scores(seq: Seq, start: int, logits: torch.Tensor) -> None:
     """Teacher-forced log-probs of the prompt: position start + j scores prompt token
-    start + j + 1.  logits: (n, V) for the chunk's positions."""
-    n = min(logits.shape[0], len(seq.prompt) - 1 - start)
+    start + j + 1.  logits: (n, V) for the chunk's positions. Positions scored already are
+    skipped: a preempted sequence computes its prompt again."""
+    begin = max(start, len(seq.prompt_logprobs))
+    n = min(start + logits.shape[0], len(seq.prompt) - 1) - begin
     if n <= 0:
         return
-    lp = log_probs(logits[:n])  # (n, V)
-    targets = torch.tensor(seq.prompt[start + 1:start + 1 + n], device=lp.device)
+    lp = log_probs(logits[begin - start:begin - start + n])  # (n, V)
+    targets = torch.tensor(seq.prompt[begin + 1:begin + 1 + n], device=lp.device)
     seq.prompt_logprobs += gather_logprobs(lp, targets).tolist()
     k = seq.options.num_logprobs
     if k:

@@ -1,8 +1,10 @@
 """One step's work as tensors, and the forward each rank runs on it.
 
-``build_work`` turns a ``StepPlan`` into a ``StepWork`` (int64 CPU tensors, which rank 0 also
-broadcasts to the other ranks, see ``server.ranks``); ``ModelRunner`` runs it on one rank's
-model and KV cache.
+``build_work`` turns a ``StepPlan`` into a ``StepWork``: the new tokens of every sequence
+packed one after the other (no padding), their positions, each sequence's block table, and
+the packed rows whose logits are wanted. It is int64 CPU tensors, which rank 0 also
+broadcasts to the other ranks (``server.ranks``); ``ModelRunner`` runs it on one rank's model
+and KV cache as a single forward.
 """
 
 from __future__ import annotations
@@ -11,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opt_serving.config import PAD_ID
-from opt_serving.model import KVCache, OPTModel
+from opt_serving.model import AttentionRows, KVCache, OPTModel
 
 from .scheduler import StepPlan
 
@@ -21,91 +22,80 @@ OP_STEP = 1  # the rank protocol's header op for a step (server.ranks has the ot
 
 @dataclass(frozen=True)
 class StepWork:
-    """One step's two forwards, as int64 CPU tensors (a batch may be empty: B = 0)."""
+    """One step as int64 CPU tensors: N packed tokens of B sequences, block tables M wide,
+    logits wanted at S packed rows."""
 
-    prefill_tokens: torch.Tensor  # (Bp, T) right-padded with PAD_ID
-    prefill_start: torch.Tensor  # (Bp,) tokens already cached per row
-    prefill_slots: torch.Tensor  # (Bp,) cache rows
-    prefill_select: torch.Tensor  # (Bp, K) time indices whose logits are needed
-    decode_tokens: torch.Tensor  # (Bd, 1)
-    decode_start: torch.Tensor  # (Bd,)
-    decode_slots: torch.Tensor  # (Bd,)
+    tokens: torch.Tensor  # (N,)
+    starts: torch.Tensor  # (B,) position of each sequence's first new token
+    lengths: torch.Tensor  # (B,) new tokens per sequence (they sum to N)
+    tables: torch.Tensor  # (B, M) block tables, padded with -1
+    select: torch.Tensor  # (S,) packed rows whose logits are wanted
 
     def header(self) -> torch.Tensor:
-        bp, t = self.prefill_tokens.shape
-        return torch.tensor([OP_STEP, bp, t, self.prefill_select.shape[1],
-                             self.decode_tokens.shape[0]], dtype=torch.long)
+        b, m = self.tables.shape
+        return torch.tensor([OP_STEP, self.tokens.shape[0], b, m, self.select.shape[0]],
+                            dtype=torch.long)
 
     def payload(self) -> torch.Tensor:
         return torch.cat([x.reshape(-1) for x in (
-            self.prefill_tokens, self.prefill_start, self.prefill_slots, self.prefill_select,
-            self.decode_tokens, self.decode_start, self.decode_slots)])
+            self.tokens, self.starts, self.lengths, self.tables, self.select)])
 
     @staticmethod
-    def payload_len(bp: int, t: int, k: int, bd: int) -> int:
-        return bp * t + 2 * bp + bp * k + 3 * bd
+    def payload_len(n: int, b: int, m: int, s: int) -> int:
+        return n + 2 * b + b * m + s
 
     @classmethod
-    def from_payload(cls, bp: int, t: int, k: int, bd: int, flat: torch.Tensor) -> "StepWork":
-        sizes = [bp * t, bp, bp, bp * k, bd, bd, bd]
-        a, b, c, d, e, f, g = flat.split(sizes)
-        return cls(a.view(bp, t), b, c, d.view(bp, k), e.view(bd, 1), f, g)
+    def from_payload(cls, n: int, b: int, m: int, s: int, flat: torch.Tensor) -> "StepWork":
+        tokens, starts, lengths, tables, select = flat.split([n, b, b, b * m, s])
+        return cls(tokens, starts, lengths, tables.view(b, m), select)
 
 
 @dataclass(frozen=True)
 class LogitIndex:
-    """Where each plan row's logits land. ``prefill_last[i]``: the K index of prefill row i's
-    last real position; ``prefill_positions[i]``: how many real positions row i selected (all
-    of its chunk for echo rows, else 1)."""
+    """Where each plan row's logits land among the S selected: rows ``first[i]`` ..
+    ``first[i] + count[i] - 1`` (every position of the chunk for echo rows, else only the
+    last when the row is ``last``, else none)."""
 
-    prefill_last: tuple[int, ...]
-    prefill_positions: tuple[int, ...]
+    first: tuple[int, ...]
+    count: tuple[int, ...]
 
 
 def build_work(plan: StepPlan) -> tuple[StepWork, LogitIndex]:
     """Tensors for ``plan``. Echo rows need logits at every position of their chunk
     (teacher-forced prompt log-probs), the others only at the last one."""
-    pre = plan.prefill
-    t = max((len(r.tokens) for r in pre), default=0)
-    selects, last, counts = [], [], []
-    for r in pre:
-        n = len(r.tokens)
-        sel = list(range(n)) if r.seq.options.echo else [n - 1]
-        selects.append(sel)
-        last.append(len(sel) - 1)
-        counts.append(len(sel))
-    k = max((len(s) for s in selects), default=0)
-    # Rows that need fewer positions repeat their last one: the (Bp, K) gather stays square.
-    select = [s + [s[-1]] * (k - len(s)) for s in selects]
-    tokens = [list(r.tokens) + [PAD_ID] * (t - len(r.tokens)) for r in pre]
-    dec = plan.decode
+    tokens, select, first, count = [], [], [], []
+    width = max((len(r.blocks) for r in plan.rows), default=0)
+    for r in plan.rows:
+        n, at = len(r.tokens), len(tokens)
+        tokens += r.tokens
+        chosen = range(at, at + n) if r.seq.options.echo else \
+            (range(at + n - 1, at + n) if r.last else range(0))
+        first.append(len(select))
+        count.append(len(chosen))
+        select += chosen
     work = StepWork(
-        prefill_tokens=torch.tensor(tokens, dtype=torch.long).view(len(pre), t),
-        prefill_start=torch.tensor([r.start for r in pre], dtype=torch.long),
-        prefill_slots=torch.tensor([r.slot for r in pre], dtype=torch.long),
-        prefill_select=torch.tensor(select, dtype=torch.long).view(len(pre), k),
-        decode_tokens=torch.tensor([r.tokens for r in dec], dtype=torch.long).view(len(dec), 1),
-        decode_start=torch.tensor([r.start for r in dec], dtype=torch.long),
-        decode_slots=torch.tensor([r.slot for r in dec], dtype=torch.long))
-    return work, LogitIndex(tuple(last), tuple(counts))
+        tokens=torch.tensor(tokens, dtype=torch.long),
+        starts=torch.tensor([r.start for r in plan.rows], dtype=torch.long),
+        lengths=torch.tensor([len(r.tokens) for r in plan.rows], dtype=torch.long),
+        tables=torch.tensor([list(r.blocks) + [-1] * (width - len(r.blocks))
+                             for r in plan.rows], dtype=torch.long).view(len(plan.rows), width),
+        select=torch.tensor(select, dtype=torch.long))
+    return work, LogitIndex(tuple(first), tuple(count))
 
 
 class ModelRunner:
-    """One rank's model and KV cache; runs a StepWork as a (Bp, T) and a (Bd, 1) forward."""
+    """One rank's model and KV cache; runs a StepWork as one packed forward."""
 
     def __init__(self, model: OPTModel, cache: KVCache, device: torch.device):
         self.model, self.cache, self.device = model, cache, device
 
     @torch.inference_mode()
-    def run(self, work: StepWork) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """(prefill logits (Bp, K, V) or None, decode logits (Bd, V) or None), on the device."""
+    def run(self, work: StepWork) -> torch.Tensor:
+        """Logits (S, V) at the selected rows, on the device."""
         dev = self.device
-        prefill = decode = None
-        if work.prefill_tokens.shape[0]:
-            prefill = self.model(work.prefill_tokens.to(dev), start=work.prefill_start.to(dev),
-                                 cache=self.cache, slots=work.prefill_slots.to(dev),
-                                 select=work.prefill_select.to(dev))
-        if work.decode_tokens.shape[0]:
-            decode = self.model(work.decode_tokens.to(dev), start=work.decode_start.to(dev),
-                                cache=self.cache, slots=work.decode_slots.to(dev))[:, 0]
-        return prefill, decode
+        starts, lengths = work.starts.tolist(), work.lengths.tolist()
+        rows = AttentionRows.build(starts, lengths, work.tables.tolist(),
+                                   self.cache.block_size, dev)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        return self.model.step(work.tokens.to(dev), positions.to(dev), self.cache, rows,
+                               work.select.to(dev))

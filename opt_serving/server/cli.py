@@ -70,10 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--read-timeout", type=float, metavar="S", help="a client must send each "
                    "request's headers and body within S seconds of its first byte or it is "
                    f"disconnected (default {DEFAULTS.client_read_timeout_s:g})")
-    p.add_argument("--kv-tokens", type=int, metavar="N", help="KV-cache positions per rank")
+    p.add_argument("--kv-tokens", type=int, metavar="N", help="KV-cache positions per rank "
+                   "(paged: a sequence holds blocks for the tokens it has)")
+    p.add_argument("--kv-block-size", type=int, metavar="N", help="positions per KV-cache "
+                   f"block (default {DEFAULTS.kv_block_size})")
+    p.add_argument("--no-prefix-cache", action="store_true", help="do not share cached KV "
+                   "blocks between prompts that start the same way")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="positions per sequence, "
-                   f"prompt included (default {DEFAULTS.max_seq_len}); smaller rows give more "
-                   "concurrent sequences for the same --kv-tokens")
+                   f"prompt included (default {DEFAULTS.max_seq_len})")
     p.add_argument("--max-batch-tokens", type=int, metavar="N", help="prompt tokens one step "
                    f"may prefill (default {DEFAULTS.max_batch_tokens})")
     p.add_argument("--max-batch-size", type=int, metavar="N",
@@ -83,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when present")
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda, fp32 on cpu")
-    p.add_argument("--threads", type=int, help="HTTP worker threads (default 64, at least 16): "
-                   "each waiting client holds one, so this bounds the clients batched together")
+    p.add_argument("--threads", type=int, help="HTTP worker threads (at least 16; default: "
+                   "min(--max-batch-size, 1024) + --max-queued-requests): each open request "
+                   "holds one while it waits")
     p.add_argument("--model-name", help="name in responses and /v1/models (default: the "
                    "model preset's name)")
     p.add_argument("--ready-file", metavar="PATH", help="once serving, write JSON {url, pid, "
@@ -111,7 +116,8 @@ def options_from_args(args: argparse.Namespace):
         "request_timeout_s": args.request_timeout, "worker_timeout_s": args.worker_timeout,
         "client_read_timeout_s": args.read_timeout,
         "max_seq_len": args.max_seq_len, "max_batch_tokens": args.max_batch_tokens,
-        "max_batch_size": args.max_batch_size}.items() if v is not None}
+        "max_batch_size": args.max_batch_size,
+        "kv_block_size": args.kv_block_size}.items() if v is not None}
     constants = dataclasses.replace(constants, **overrides)
     checkpoint = args.checkpoint_folder or constants.checkpoint_folder
     if not checkpoint:
@@ -124,7 +130,7 @@ def options_from_args(args: argparse.Namespace):
         port=constants.default_port if args.port is None else args.port, assets=args.assets,
         api_key=args.api_key or os.environ.get("OPT_SERVE_API_KEY") or None,
         kv_tokens=args.kv_tokens, device=args.device, dtype=args.dtype,
-        demo_tokenizer=args.demo_tokenizer, mp=args.mp,
+        demo_tokenizer=args.demo_tokenizer, mp=args.mp, prefix_caching=not args.no_prefix_cache,
         **({} if args.threads is None else {"threads": args.threads}),
         model_name=args.model_name, ready_file=args.ready_file)
 

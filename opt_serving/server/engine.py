@@ -46,6 +46,11 @@ class EngineStats:
     steps: int = 0
     batches_failed: int = 0
     forward_seconds: float = 0.0  # inside the model's forwards (this rank's view)
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_hit_tokens: int = 0  # of which were found there (not computed again)
+    preemptions: int = 0
 
 
 class Engine:
@@ -241,8 +246,12 @@ class Engine:
             self._handles.pop(event.seq.group, None)
 
     def _update_stats(self) -> None:
-        self.stats.queued_requests = self.scheduler.queued_requests
-        self.stats.running_sequences = len(self.scheduler.running)
+        s, pool = self.stats, self.scheduler.pool
+        s.queued_requests = self.scheduler.queued_requests
+        s.running_sequences = len(self.scheduler.running)
+        s.kv_blocks_used, s.kv_blocks_total = pool.used, pool.num_blocks
+        s.prefix_queried_tokens, s.prefix_hit_tokens = pool.queried_tokens, pool.hit_tokens
+        s.preemptions = self.scheduler.preempted
 
     def _fail_batch(self, failed: StepFailed) -> None:
         plan, exc = failed.plan, failed.error

@@ -29,6 +29,21 @@ class _EngineCollector:
         yield CounterMetricFamily("opt_serve_steps", "Engine steps run", value=s.steps)
         yield CounterMetricFamily("opt_serve_forward_seconds",
                                   "Time spent in the model's forwards", value=s.forward_seconds)
+        yield GaugeMetricFamily("opt_serve_kv_blocks_used", "KV-cache blocks held by running "
+                                "sequences (of opt_serve_kv_blocks_total)",
+                                value=s.kv_blocks_used)
+        yield GaugeMetricFamily("opt_serve_kv_blocks_total", "KV-cache blocks",
+                                value=s.kv_blocks_total)
+        yield CounterMetricFamily("opt_serve_prefix_cache_queried_tokens", "Prompt tokens "
+                                  "looked up in the prefix cache", value=s.prefix_queried_tokens)
+        yield CounterMetricFamily("opt_serve_prefix_cache_hit_tokens", "Prompt tokens found in "
+                                  "the prefix cache (not computed again)",
+                                  value=s.prefix_hit_tokens)
+        yield GaugeMetricFamily("opt_serve_prefix_cache_hit_rate", "Hit tokens / queried "
+                                "tokens since start (0 before any lookup)",
+                                value=s.prefix_hit_tokens / max(1, s.prefix_queried_tokens))
+        yield CounterMetricFamily("opt_serve_preemptions", "Sequences preempted (recomputed "
+                                  "later) when the KV cache ran out", value=s.preemptions)
         yield CounterMetricFamily("opt_serve_batches_failed",
                                   "Batches whose forward or sampling raised",
                                   value=s.batches_failed)

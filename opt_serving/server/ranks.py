@@ -1,10 +1,10 @@
-"""The rank protocol: the work of one step, how rank 0 sends it, and the forward every rank runs.
+"""The rank protocol: how rank 0 sends each step's work to the other ranks, and their loop.
 
 Rank 0 owns the scheduler; the other ranks own only their part of the model and of the KV
 cache. Before each step rank 0 broadcasts a ``StepWork`` over a gloo control group (CPU
 tensors, also when the model's own group is NCCL) and then every rank runs the same forwards,
-so their collectives line up. A message is a fixed int64 header ``(op, Bp, T, K, Bd)`` and, for
-a step, one flat int64 payload. While idle, rank 0 pings: a broadcast plus an all-reduce, i.e.
+so their collectives line up. A message is a fixed int64 header ``(op, N, B, M, S)`` (see
+``decoding.work.StepWork``) and, for a step, one flat int64 payload. While idle, rank 0 pings: a broadcast plus an all-reduce, i.e.
 a round trip, so a dead rank shows up as an error or a timeout of the control group instead of
 a hang in the next forward.
 """
@@ -72,15 +72,15 @@ class Control:
     def receive(self) -> tuple[int, StepWork | None]:
         h = torch.zeros(HEADER_LEN, dtype=torch.long)
         dist.broadcast(h, src=0, group=self.group)
-        op, bp, t, k, bd = (int(x) for x in h)
+        op, n, b, m, s = (int(x) for x in h)
         if op == OP_PING:
             dist.all_reduce(torch.zeros(1), group=self.group)
             return op, None
         if op != OP_STEP:
             return op, None
-        flat = torch.empty(StepWork.payload_len(bp, t, k, bd), dtype=torch.long)
+        flat = torch.empty(StepWork.payload_len(n, b, m, s), dtype=torch.long)
         dist.broadcast(flat, src=0, group=self.group)
-        return op, StepWork.from_payload(bp, t, k, bd, flat)
+        return op, StepWork.from_payload(n, b, m, s, flat)
 
 
 def worker_loop(runner: ModelRunner, control: Control) -> None:

@@ -67,7 +67,9 @@ class ServeOptions:
     dtype: str | None = None  # fp32 / fp16 / bf16; default: fp16 on cuda, fp32 on cpu
     demo_tokenizer: bool = False
     mp: int | None = None  # model-parallel degree; default: the number of parts
-    threads: int = 64
+    threads: int | None = None  # HTTP worker threads; default: one per sequence that may
+    #                             run (up to 1024) plus one per queued request
+    prefix_caching: bool = True
     model_name: str | None = None
     ready_file: str | None = None  # JSON {url, pid, workers, ...} written once serving
     ping_interval_s: float = 1.0
@@ -86,22 +88,31 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class SlotLayout:
-    """The KV cache as num_slots rows of slot_len positions (one sequence per row)."""
+class CacheLayout:
+    """The paged KV cache: ``num_blocks`` blocks of ``block_size`` positions."""
 
-    tokens: int
-    num_slots: int
-    slot_len: int
+    num_blocks: int
+    block_size: int
+
+    @property
+    def tokens(self) -> int:
+        return self.num_blocks * self.block_size
 
     @classmethod
-    def from_tokens(cls, tokens: int, c: ServiceConstants) -> "SlotLayout":
-        slot_len = min(c.max_seq_len, tokens)
-        num_slots = min(c.max_batch_size, tokens // max(slot_len, 1))
-        if slot_len < 8 or num_slots < 1:
+    def from_tokens(cls, tokens: int, c: ServiceConstants) -> "CacheLayout":
+        blocks = tokens // c.kv_block_size
+        if blocks * c.kv_block_size < 8:
             raise StartupError(f"the KV cache would hold only {tokens} tokens: not enough for "
                                "a sequence. Free GPU memory, use more model-parallel ranks, or "
                                "pass --kv-tokens")
-        return cls(num_slots * slot_len, num_slots, slot_len)
+        return cls(blocks, c.kv_block_size)
+
+
+def http_threads(options: "ServeOptions") -> int:
+    """Each open request holds an HTTP worker thread while it waits: enough of them that
+    they, not the KV cache, never bound the batch."""
+    c = options.constants
+    return options.threads or min(c.max_batch_size, 1024) + c.max_queued_requests
 
 
 def prepare(options: ServeOptions, env: distributed.RankEnv) -> tuple[Plan, object | None]:
@@ -201,7 +212,7 @@ def _kv_tokens(plan: Plan, model, device: torch.device) -> int:
                            dtype_bytes, c.max_batch_tokens, weight_bytes=weights)
 
 
-def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Control, SlotLayout]:
+def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Control, CacheLayout]:
     """Join the group, load this rank's part and allocate its KV cache. Every rank calls it;
     the collectives inside line up."""
     device = _rank_device(plan, env)
@@ -215,9 +226,9 @@ def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Contro
     control = Control(plan.world_size, plan.options.constants.worker_timeout_s)
     if plan.world_size > 1:
         dist.barrier()  # under the long start-up timeout: ranks load at different speeds
-    layout = SlotLayout.from_tokens(control.agree_min(_kv_tokens(plan, model, device)),
-                                    plan.options.constants)
-    cache = KVCache(cfg, layout.num_slots, layout.slot_len, dtype=DTYPES[plan.dtype],
+    layout = CacheLayout.from_tokens(control.agree_min(_kv_tokens(plan, model, device)),
+                                     plan.options.constants)
+    cache = KVCache(cfg, layout.num_blocks, layout.block_size, dtype=DTYPES[plan.dtype],
                     device=device, tp_size=plan.world_size)
     return ModelRunner(model, cache, device), control, layout
 
@@ -294,14 +305,15 @@ def stop_workers(workers, timeout: float = 5.0) -> None:
             proc.kill()
 
 
-def start_engine(plan: Plan, env: distributed.RankEnv, tokenizer) -> tuple[Engine, SlotLayout]:
+def start_engine(plan: Plan, env: distributed.RankEnv, tokenizer) -> tuple[Engine, CacheLayout]:
     """Rank 0: load this rank's part and its KV cache, and start the engine loop (opt-serve
     and the offline ``LLM`` both run it)."""
     opts, c = plan.options, plan.options.constants
     runner, control, layout = load_rank(plan, env)
-    scheduler = Scheduler(num_slots=layout.num_slots, slot_len=layout.slot_len,
-                          max_queued=c.max_queued_requests, step_tokens=c.max_batch_tokens,
-                          max_seq_len=c.max_seq_len)
+    scheduler = Scheduler(num_blocks=layout.num_blocks, block_size=layout.block_size,
+                          max_seqs=c.max_batch_size, max_queued=c.max_queued_requests,
+                          step_tokens=c.max_batch_tokens, max_seq_len=c.max_seq_len,
+                          prefix_caching=opts.prefix_caching)
     engine = Engine(runner=runner, control=control, scheduler=scheduler, tokenizer=tokenizer,
                     request_timeout_s=c.request_timeout_s,
                     ping_interval_s=opts.ping_interval_s).start()
@@ -336,16 +348,17 @@ def run_primary(plan: Plan, env: distributed.RankEnv, tokenizer, workers=()) -> 
                              api_key=opts.api_key, world_size=plan.world_size))
     metrics = app.extensions["opt_serve_metrics"]
     server = create_server(
-        app, host=opts.host, port=opts.port, threads=max(16, opts.threads),
+        app, host=opts.host, port=opts.port, threads=max(16, http_threads(opts)),
         max_body_bytes=c.max_body_bytes, read_timeout_s=c.client_read_timeout_s,
         on_error=lambda status: metrics.http.labels("unparsed", str(status)).inc())
     supervisor.engine = engine
     for rank, proc in enumerate(workers, start=1):
         log.info("worker rank %d pid %d", rank, proc.pid)
     log.info("opt-serve: model %s, degree %d (%s), device %s, dtype %s, KV cache %d tokens per "
-             "rank (%d slots x %d), serving on http://%s:%d", name, plan.world_size,
-             plan.launcher, plan.device, plan.dtype, layout.tokens, layout.num_slots,
-             layout.slot_len, opts.host, int(server.effective_port))
+             "rank (%d blocks of %d, prefix cache %s), serving on http://%s:%d", name,
+             plan.world_size, plan.launcher, plan.device, plan.dtype, layout.tokens,
+             layout.num_blocks, layout.block_size, "on" if opts.prefix_caching else "off",
+             opts.host, int(server.effective_port))
     if opts.ready_file:
         write_ready_file(opts.ready_file, {
             "url": f"http://{opts.host}:{int(server.effective_port)}", "pid": os.getpid(),
