@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .config import POSITION_OFFSET, OPTConfig
+from .kernels import project
 
 # cuDNN's attention builds an execution plan for every new (batch, key length) shape: with a
 # KV cache the key length grows every step, and fp16 decoding on an H100 ran at 15 tokens/s
@@ -127,16 +128,18 @@ class SelfAttention(nn.Module):
                     kb, vb = ck[:, keys], cv[:, keys]  # (H, S, hd) views of the cache
                 else:
                     kb, vb = ck.index_select(1, keys), cv.index_select(1, keys)
-                # Softmax runs in fp32 inside the SDPA kernels.
-                y[:, s:e] = F.scaled_dot_product_attention(q[:, s:e], kb.to(q.dtype),
-                                                           vb.to(q.dtype), attn_mask=mask)
+                # 4-d: on a CPU only then does SDPA take its flash kernel (3x faster than its
+                # math path for one query, measured). Softmax runs in fp32 inside.
+                y[:, s:e] = F.scaled_dot_product_attention(
+                    q[None, :, s:e], kb[None].to(q.dtype), vb[None].to(q.dtype),
+                    attn_mask=mask)[0]
             y = y.transpose(0, 1).reshape(n, h * hd)
         return row_parallel(self.out_proj, y, self.comm)
 
 
-def row_parallel(linear: nn.Linear, x: torch.Tensor, comm: Comm) -> torch.Tensor:
+def row_parallel(linear: nn.Module, x: torch.Tensor, comm: Comm) -> torch.Tensor:
     """x @ W.T, summed over ranks, and the (replicated) bias added once after the sum."""
-    y = comm.all_reduce(F.linear(x, linear.weight))
+    y = comm.all_reduce(project(linear, x))
     return y + linear.bias if linear.bias is not None else y
 
 
@@ -177,6 +180,7 @@ class OPTModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.decoder = Decoder(cfg)
+        self.head: nn.Module | None = None  # the tied output projection when packed (kernels)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         dec = self.decoder
@@ -216,7 +220,8 @@ class OPTModel(nn.Module):
             x = x.index_select(0, select)
         x = dec.layer_norm(x)
         # Tied output head: (..., D) @ (V_local, D).T, gathered so every rank sees all of V.
-        logits = dec.comm.all_gather_last(F.linear(x, dec.embed_tokens.weight))
+        local = F.linear(x, dec.embed_tokens.weight) if self.head is None else self.head(x)
+        logits = dec.comm.all_gather_last(local)
         # Dictionary padding symbols ("madeupword", ids >= dict_size) are never produced.
         logits[..., self.cfg.dict_size:] = float("-inf")
         return logits

@@ -27,8 +27,8 @@ def test_llm_greedy_equals_hf_transformers(serve_checkpoints, reference, mp):
     model, tok = reference
     expected = [hf_greedy(model, tok.encode(p) if isinstance(p, str) else p, 10)
                 for p in PROMPTS]
-    with LLM(str(serve_checkpoints[mp]), device="cpu", kv_tokens=4096, max_seq_len=512,
-             assets=str(ASSETS)) as llm:
+    with LLM(str(serve_checkpoints[mp]), device="cpu", dtype="fp32", kv_tokens=4096,
+             max_seq_len=512, assets=str(ASSETS)) as llm:
         assert llm.world_size == mp
         outs = llm.generate(PROMPTS, max_tokens=10, min_tokens=10, temperature=0)
     assert [list(o.token_ids) for o in outs] == expected
@@ -42,8 +42,8 @@ def test_llm_gives_the_servers_answer(serve_checkpoints, server):
     texts = ["Hello there", "Corgis are"]
     r = server.post("/completions", {"prompt": texts, **options})
     assert r.status_code == 200, r.text
-    with LLM(str(serve_checkpoints[1]), device="cpu", kv_tokens=4096, max_seq_len=512,
-             assets=str(ASSETS)) as llm:
+    with LLM(str(serve_checkpoints[1]), device="cpu", dtype="fp32", kv_tokens=4096,
+             max_seq_len=512, assets=str(ASSETS)) as llm:
         outs = llm.generate(texts, **options)
         with pytest.raises(ValueError, match="temperature"):
             llm.generate("x", temperature=-1)  # the API's validation, the same messages

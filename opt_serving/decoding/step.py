@@ -59,6 +59,7 @@ class Stepper:
                  token_bytes: Callable[[int], bytes]):
         self.scheduler, self.forward, self.token_bytes = scheduler, forward, token_bytes
         self.tokens_generated = 0
+        self.prompt_tokens_computed = 0  # prompt positions run through the model
         self.steps = 0
 
     def plan(self) -> StepPlan:
@@ -75,6 +76,8 @@ class Stepper:
         except Exception as e:  # noqa: BLE001 - the caller knows whether the ranks survive
             raise StepFailed(plan, e, in_forward=True) from e
         self.steps += 1
+        self.prompt_tokens_computed += sum(
+            max(0, min(r.start + len(r.tokens), len(r.seq.prompt)) - r.start) for r in plan.rows)
         try:
             return self._sample(plan, index, logits)
         except Exception as e:  # noqa: BLE001 - rank 0 only: the ranks are still in step

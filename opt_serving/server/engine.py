@@ -51,6 +51,7 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of which were found there (not computed again)
     preemptions: int = 0
+    prompt_tokens_computed: int = 0
 
 
 class Engine:
@@ -229,6 +230,7 @@ class Engine:
                 handle.first_token_at = now
         self.stats.steps = self.stepper.steps
         self.stats.tokens_generated = self.stepper.tokens_generated
+        self.stats.prompt_tokens_computed = self.stepper.prompt_tokens_computed
         self._update_stats()  # before the clients hear of it: /metrics is never behind
         for event in events:
             self._route(event)

@@ -42,6 +42,9 @@ class _EngineCollector:
         yield GaugeMetricFamily("opt_serve_prefix_cache_hit_rate", "Hit tokens / queried "
                                 "tokens since start (0 before any lookup)",
                                 value=s.prefix_hit_tokens / max(1, s.prefix_queried_tokens))
+        yield CounterMetricFamily("opt_serve_prompt_tokens_computed", "Prompt positions run "
+                                  "through the model (the prefix cache saves the rest)",
+                                  value=s.prompt_tokens_computed)
         yield CounterMetricFamily("opt_serve_preemptions", "Sequences preempted (recomputed "
                                   "later) when the KV cache ran out", value=s.preemptions)
         yield CounterMetricFamily("opt_serve_batches_failed",

@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from constants import ServiceConstants
-from opt_serving import distributed
+from opt_serving import distributed, kernels
 from opt_serving.capacity.planner import kv_cache_tokens
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import read_config
@@ -64,7 +64,8 @@ class ServeOptions:
     kv_tokens: int | None = None  # KV-cache positions per rank; default: GPU memory or
     #                               constants.max_batch_tokens on CPU
     device: str | None = None  # "cpu" or "cuda"; default: cuda when present
-    dtype: str | None = None  # fp32 / fp16 / bf16; default: fp16 on cuda, fp32 on cpu
+    dtype: str | None = None  # fp32 / fp16 / bf16; default: fp16 on cuda, on a cpu bf16
+    #                           where packed bf16 kernels run (AMX / AVX-512 bf16), else fp32
     demo_tokenizer: bool = False
     mp: int | None = None  # model-parallel degree; default: the number of parts
     threads: int | None = None  # HTTP worker threads; default: one per sequence that may
@@ -147,7 +148,7 @@ def prepare(options: ServeOptions, env: distributed.RankEnv) -> tuple[Plan, obje
                                f"torchrun / srun across machines")
     if env.rank == 0 and options.port:
         _check_port(options.host, options.port)
-    dtype = options.dtype or ("fp16" if device == "cuda" else "fp32")
+    dtype = options.dtype or ("fp16" if device == "cuda" else kernels.best_cpu_dtype())
     if dtype not in DTYPES:
         raise StartupError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     plan = Plan(options, cfg, world, device, dtype, env.launcher if under_launcher else
@@ -223,6 +224,8 @@ def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Contro
     comm = DistComm() if plan.world_size > 1 else SINGLE
     model, cfg = load_model(plan.options.checkpoint, comm=comm, device=device,
                             dtype=DTYPES[plan.dtype])
+    if device.type == "cpu" and kernels.available(DTYPES[plan.dtype]):
+        kernels.pack(model)
     control = Control(plan.world_size, plan.options.constants.worker_timeout_s)
     if plan.world_size > 1:
         dist.barrier()  # under the long start-up timeout: ranks load at different speeds

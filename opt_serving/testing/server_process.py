@@ -14,8 +14,9 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[2]
-# 32 slots of 512 positions: the concurrency tests fit in one running batch.
-SERVER_ARGS = ("--kv-tokens", "16384", "--max-seq-len", "512", "--device", "cpu")
+# fp32: the tests compare with HF transformers' fp32 OPT (tests/test_kernels.py checks bf16).
+SERVER_ARGS = ("--kv-tokens", "16384", "--max-seq-len", "512", "--device", "cpu",
+               "--dtype", "fp32")
 
 
 class ServerProcess:
