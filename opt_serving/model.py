@@ -63,11 +63,12 @@ class AttentionRows:
     """Where each sequence of a packed step reads and writes, worked out once per step for all
     layers. Sequence b's queries are packed rows spans[b]; its keys are cache rows keys[b]
     (a slice when its blocks are consecutive: read in place, else an index tensor: gathered,
-    its own length only); mask[b]: (T_b, S_b) bool causal mask, None for one query."""
+    its own length only); mask[b]: (T_b, S_b) bool causal mask, None for one query, "causal"
+    for a chunk from position 0 (T_b == S_b)."""
 
     spans: tuple[tuple[int, int], ...]
     keys: tuple  # slice | LongTensor (S_b,) per sequence
-    masks: tuple  # BoolTensor (T_b, S_b) | None per sequence
+    masks: tuple  # BoolTensor (T_b, S_b) | "causal" | None per sequence
     write: torch.Tensor  # (N,) cache rows of the packed tokens
 
     @classmethod
@@ -89,7 +90,9 @@ class AttentionRows:
                         + torch.arange(block_size)).flatten()[:end]
                 keys.append(rows.to(device))
                 write.append(rows[start:end])
-            masks.append(None if n == 1 else (
+            # One query sees every key: no mask. A chunk from position 0 is plain causal
+            # ("causal", the kernel's own, 2x faster than an explicit mask on a CPU).
+            masks.append(None if n == 1 else "causal" if start == 0 else (
                 torch.arange(end, device=device)[None, :]
                 <= torch.arange(start, end, device=device)[:, None]))
         return cls(tuple(spans), tuple(keys), tuple(masks), torch.cat(write).to(device))
@@ -130,9 +133,10 @@ class SelfAttention(nn.Module):
                     kb, vb = ck.index_select(1, keys), cv.index_select(1, keys)
                 # 4-d: on a CPU only then does SDPA take its flash kernel (3x faster than its
                 # math path for one query, measured). Softmax runs in fp32 inside.
+                causal = isinstance(mask, str)
                 y[:, s:e] = F.scaled_dot_product_attention(
                     q[None, :, s:e], kb[None].to(q.dtype), vb[None].to(q.dtype),
-                    attn_mask=mask)[0]
+                    attn_mask=None if causal else mask, is_causal=causal)[0]
             y = y.transpose(0, 1).reshape(n, h * hd)
         return row_parallel(self.out_proj, y, self.comm)
 

@@ -310,17 +310,38 @@ def stop_workers(workers, timeout: float = 5.0) -> None:
 
 def start_engine(plan: Plan, env: distributed.RankEnv, tokenizer) -> tuple[Engine, CacheLayout]:
     """Rank 0: load this rank's part and its KV cache, and start the engine loop (opt-serve
-    and the offline ``LLM`` both run it)."""
+    and the offline ``LLM`` both run it). Loading and the loop share one thread, so that
+    every torch op of this rank runs on it (``Engine.run_here`` says why)."""
     opts, c = plan.options, plan.options.constants
-    runner, control, layout = load_rank(plan, env)
-    scheduler = Scheduler(num_blocks=layout.num_blocks, block_size=layout.block_size,
-                          max_seqs=c.max_batch_size, max_queued=c.max_queued_requests,
-                          step_tokens=c.max_batch_tokens, max_seq_len=c.max_seq_len,
-                          prefix_caching=opts.prefix_caching)
-    engine = Engine(runner=runner, control=control, scheduler=scheduler, tokenizer=tokenizer,
-                    request_timeout_s=c.request_timeout_s,
-                    ping_interval_s=opts.ping_interval_s).start()
-    return engine, layout
+    box: dict = {}
+    loaded = threading.Event()
+
+    def engine_thread() -> None:
+        try:
+            runner, control, layout = load_rank(plan, env)
+            scheduler = Scheduler(num_blocks=layout.num_blocks, block_size=layout.block_size,
+                                  max_seqs=c.max_batch_size, max_queued=c.max_queued_requests,
+                                  step_tokens=c.max_batch_tokens, max_seq_len=c.max_seq_len,
+                                  prefix_caching=opts.prefix_caching)
+            box["engine"] = Engine(runner=runner, control=control, scheduler=scheduler,
+                                   tokenizer=tokenizer, request_timeout_s=c.request_timeout_s,
+                                   ping_interval_s=opts.ping_interval_s)
+            box["layout"] = layout
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = e
+            return
+        finally:
+            loaded.set()
+        box["engine"].run_here()
+
+    threading.Thread(target=engine_thread, name="engine-loop", daemon=True).start()
+    loaded.wait()
+    if "error" in box:
+        raise box["error"]
+    engine = box["engine"]
+    while engine._thread is None:  # the loop is about to start
+        time.sleep(0.001)
+    return engine, box["layout"]
 
 
 def spawn_workers(plan: Plan, log_level: str = "INFO") -> tuple[list, distributed.RankEnv]:
