@@ -150,6 +150,18 @@ def test_a_prefix_is_computed_once_and_shared_by_later_prompts():
     assert echo.cached == 0
 
 
+def test_prompts_sent_together_compute_their_shared_history_once():
+    s = make(num_blocks=64, step_tokens=64)
+    history = list(range(100, 135))  # 36 tokens with </s>: 9 full blocks of 4
+    a, b, c = (s.submit([history + [i]], opts(2))[0] for i in (7, 8, 9))
+    other, = s.submit([[5] * 20], opts(2))
+    assert s.admit() == [a, other]  # b and c wait for a's blocks; other goes ahead
+    step(s, {})
+    assert s.admit() == [b, c] and b.cached == c.cached == 36 and s.pool.hit_tokens == 72
+    plan = s.step_plan()  # each computes only its own last token
+    assert [(r.seq, len(r.tokens)) for r in plan.rows if r.seq in (b, c)] == [(b, 1), (c, 1)]
+
+
 def test_the_prefix_cache_evicts_least_recently_used_blocks_only_when_full():
     pool = BlockPool(num_blocks=3, block_size=2)
     digests = chain_digests([1, 2, 3, 4], 2)

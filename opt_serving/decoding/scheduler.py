@@ -128,27 +128,36 @@ class Scheduler:
         """Move waiting sequences into the running batch, oldest first, while the pool holds
         their known tokens (less what the prefix cache has) and ``max_seqs`` allows. The
         oldest one that does not fit blocks the rest, so a long request is not starved by a
-        stream of short ones. A little room is kept for the running ones to grow into."""
+        stream of short ones. A little room is kept for the running ones to grow into.
+
+        A sequence whose next prompt block another running sequence is computing right now
+        waits for it (the others go ahead): BB3 sends its module prompts over one history at
+        once, and the history is then computed once, not once per module."""
         admitted = []
-        pool = self.pool
-        while self.waiting and len(self.running) < self.max_seqs:
-            seq = self.waiting[0]
+        pool, bs = self.pool, self.block_size
+        inflight = {d for s in self.running if s.cached < s.known - 1
+                    for d in s.digests[s.cached // bs:]}
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.max_seqs:
+            seq = self.waiting[i]
             known = seq.known
             # Cached blocks must leave a token to feed: its logits pick the next token.
             # Echo needs every prompt position scored, so it computes its prompt afresh.
-            usable = (known - 1) // self.block_size
+            usable = (known - 1) // bs
             if len(seq.digests) < usable:
-                seq.digests = chain_digests(seq.tokens(0, usable * self.block_size),
-                                            self.block_size)
+                seq.digests = chain_digests(seq.tokens(0, usable * bs), bs)
             shared = self.prefix_caching and not seq.options.echo
             hits = pool.match_length(seq.digests[:usable]) if shared else 0
+            if shared and hits < usable and seq.digests[hits] in inflight:
+                i += 1  # take it from the cache after the step that computes it
+                continue
             need = pool.blocks_for(known) - hits
             keep = max(1, pool.num_blocks // 100) if self.running else 0
             if need > pool.available - keep:
                 break
-            self.waiting.pop(0)
+            self.waiting.pop(i)
             seq.blocks = pool.lookup(seq.digests[:usable]) if shared else []
-            seq.cached = len(seq.blocks) * self.block_size
+            seq.cached = len(seq.blocks) * bs
             reach = pool.blocks_for(min(seq.reserve, self.context_len))
             pool.plan_home(seq.id, seq.blocks[-1] if seq.blocks else None,
                            reach - len(seq.blocks))
@@ -157,12 +166,13 @@ class Scheduler:
                 if block is None:  # cached blocks it matched were counted as room: undo
                     pool.release(seq.id, seq.blocks)
                     seq.blocks, seq.cached = [], 0
-                    self.waiting.insert(0, seq)
+                    self.waiting.insert(i, seq)
                     return admitted
                 seq.blocks.append(block)
             seq.state = RUNNING
             self.running.append(seq)
             admitted.append(seq)
+            inflight.update(seq.digests[hits:usable])  # blocks it is about to compute
         return admitted
 
     def step_plan(self) -> StepPlan:
