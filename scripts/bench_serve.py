@@ -244,6 +244,8 @@ def plot(figures: dict, path: Path) -> None:
         labels.append("prompt tokens\ncomputed (off / on)")
         values.append(off / max(1, on))
     b.bar(labels, values, color="tab:green")
+    b.hlines(5.0, -0.4, 0.4, colors="tab:red", linestyles="dashed")  # the KV target
+    b.hlines(kv["bound"], -0.4, 0.4, colors="gray", linestyles="dotted")  # any allocator's
     b.set_ylabel("ratio")
     fig.suptitle(f"opt-serve vs HF transformers, {figures['model']}, CPU x{figures['cpus']}")
     fig.tight_layout()
@@ -277,8 +279,11 @@ def main(argv=None) -> int:
                                    dtype, "--kv-tokens", "65536", "--demo-tokenizer")
             runs = {name: {"ours": [], "hf": []} for name in TARGETS}
             try:
-                ours_clients(server, 10**6, [4] * 4)  # warm-up, both sides
+                # Warm-up, both sides: short requests and one long prompt (first allocations).
+                ours_clients(server, 10**6, [4] * 4)
+                ours_ttft(server, 10**6)
                 hf_generate(hf, [prompt(0)], 4)
+                hf_generate(hf, [prompt(0, TTFT_PROMPT)], 1)
                 for r in range(args.rounds):
                     seed = 1000 * (r + 1)  # fresh prompts: nothing from the prefix cache
                     print(f"{dtype} round {r + 1}/{args.rounds}", flush=True)
