@@ -30,10 +30,10 @@ def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
     if options.stop and token_bytes is None:
         raise ValueError("stop sequences match on text: pass the tokenizer's token_bytes")
     param = next(model.parameters())
-    slot_len = min(max(len(p) for p in prompts) + options.max_tokens + 1,
+    longest = min(max(len(p) for p in prompts) + options.max_tokens + 1,
                    model.cfg.max_positions)
     seqs = len(prompts) * options.best_of
-    blocks = kv_tokens // block_size if kv_tokens else seqs * -(-slot_len // block_size)
+    blocks = kv_tokens // block_size if kv_tokens else seqs * -(-longest // block_size)
     cache = KVCache(model.cfg, blocks, block_size, dtype=param.dtype, device=param.device,
                     tp_size=model.decoder.comm.size)
     scheduler = Scheduler(num_blocks=blocks, block_size=block_size, max_seqs=seqs,

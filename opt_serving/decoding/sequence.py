@@ -1,7 +1,7 @@
 """One sequence through the engine: its prompt, options, cache place, tokens and text so far.
 
 ``Seq`` is the one sequence type (vLLM's ``Sequence``): the scheduler moves it between
-waiting, running and finished and tracks its cache slot; the step appends tokens with
+waiting, running and finished and keeps its block table; the step appends tokens with
 ``add``, which also checks the stop criteria; ``delta`` and ``result`` are what a stream and
 a whole answer return. Nothing here knows about threads or HTTP: ``owner`` is whatever the
 caller routes events to (the engine's request handle; nothing for ``generate``).

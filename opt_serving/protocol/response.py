@@ -29,7 +29,7 @@ class EngineError(Exception):
 
 
 def timeout_error(seconds: float) -> EngineError:
-    return EngineError(504, f"the request did not finish within {seconds:g} s; its slots were "
+    return EngineError(504, f"the request did not finish within {seconds:g} s; its KV cache was "
                        "freed", type="timeout_error", code="timeout")
 
 

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"requests waiting for admission before 429 "
                    f"(default {DEFAULTS.max_queued_requests})")
     p.add_argument("--request-timeout", type=float, metavar="S", help="answer 504 and free "
-                   f"the slots after S seconds (default {DEFAULTS.request_timeout_s:g})")
+                   f"its KV cache after S seconds (default {DEFAULTS.request_timeout_s:g})")
     p.add_argument("--worker-timeout", type=float, metavar="S", help="a collective waiting "
                    f"longer means a dead rank (default {DEFAULTS.worker_timeout_s:g})")
     p.add_argument("--read-timeout", type=float, metavar="S", help="a client must send each "

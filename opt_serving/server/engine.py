@@ -117,7 +117,7 @@ class Engine:
         return handle
 
     def cancel(self, handle: RequestHandle) -> None:
-        """The client is gone: free the request's slots (no-op when it already finished)."""
+        """The client is gone: free the request's KV cache (no-op when it already finished)."""
         if not handle.done:
             self._inbox.put(("cancel", handle))
 

@@ -21,14 +21,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from constants import ServiceConstants
 from opt_serving import distributed, kernels
-from opt_serving.capacity.planner import kv_cache_tokens
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import read_config
 from opt_serving.checkpoint.loading import load_model
@@ -40,6 +38,7 @@ from opt_serving.tokenizer import AssetError, Tokenizer, locate_assets
 from .app import Service, create_app
 from .engine import Engine
 from opt_serving.decoding.scheduler import Scheduler
+from .sizing import CacheLayout, TooSmall, http_threads, kv_tokens
 from .wsgi import create_server
 from opt_serving.decoding.work import ModelRunner
 
@@ -86,34 +85,6 @@ class Plan:
     device: str  # "cpu" or "cuda"
     dtype: str
     launcher: str
-
-
-@dataclass(frozen=True)
-class CacheLayout:
-    """The paged KV cache: ``num_blocks`` blocks of ``block_size`` positions."""
-
-    num_blocks: int
-    block_size: int
-
-    @property
-    def tokens(self) -> int:
-        return self.num_blocks * self.block_size
-
-    @classmethod
-    def from_tokens(cls, tokens: int, c: ServiceConstants) -> "CacheLayout":
-        blocks = tokens // c.kv_block_size
-        if blocks * c.kv_block_size < 8:
-            raise StartupError(f"the KV cache would hold only {tokens} tokens: not enough for "
-                               "a sequence. Free GPU memory, use more model-parallel ranks, or "
-                               "pass --kv-tokens")
-        return cls(blocks, c.kv_block_size)
-
-
-def http_threads(options: "ServeOptions") -> int:
-    """Each open request holds an HTTP worker thread while it waits: enough of them that
-    they, not the KV cache, never bound the batch."""
-    c = options.constants
-    return options.threads or min(c.max_batch_size, 1024) + c.max_queued_requests
 
 
 def prepare(options: ServeOptions, env: distributed.RankEnv) -> tuple[Plan, object | None]:
@@ -191,28 +162,6 @@ def _rank_device(plan: Plan, env: distributed.RankEnv) -> torch.device:
     return torch.device("cpu")
 
 
-CPU_SEQUENCES = 8
-
-
-def _kv_tokens(plan: Plan, model, device: torch.device) -> int:
-    c = plan.options.constants
-    if plan.options.kv_tokens:
-        return plan.options.kv_tokens
-    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    dtype_bytes = torch.empty((), dtype=DTYPES[plan.dtype]).element_size()
-    if device.type != "cuda":
-        # CPU: a quarter of the available RAM, at most 8 full-length sequences (metaseq's
-        # MAX_BATCH_TOKENS alone would give one slot: no batching at all).
-        ram = psutil.virtual_memory().available // 4 // max(1, plan.world_size)
-        fit = kv_cache_tokens(plan.cfg, plan.world_size, ram + weights, dtype_bytes,
-                              c.max_batch_tokens, weight_bytes=weights)
-        return max(c.max_batch_tokens, min(fit, CPU_SEQUENCES * c.max_seq_len))
-    free, _ = torch.cuda.mem_get_info(device)
-    # One source of truth with opt-capacity: free memory as if the weights were not loaded.
-    return kv_cache_tokens(plan.cfg, plan.world_size, free + torch.cuda.memory_allocated(device),
-                           dtype_bytes, c.max_batch_tokens, weight_bytes=weights)
-
-
 def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Control, CacheLayout]:
     """Join the group, load this rank's part and allocate its KV cache. Every rank calls it;
     the collectives inside line up."""
@@ -224,13 +173,16 @@ def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Contro
     comm = DistComm() if plan.world_size > 1 else SINGLE
     model, cfg = load_model(plan.options.checkpoint, comm=comm, device=device,
                             dtype=DTYPES[plan.dtype])
-    if device.type == "cpu" and kernels.available(DTYPES[plan.dtype]):
-        kernels.pack(model)
     control = Control(plan.world_size, plan.options.constants.worker_timeout_s)
     if plan.world_size > 1:
         dist.barrier()  # under the long start-up timeout: ranks load at different speeds
-    layout = CacheLayout.from_tokens(control.agree_min(_kv_tokens(plan, model, device)),
-                                     plan.options.constants)
+    try:
+        layout = CacheLayout.from_tokens(control.agree_min(kv_tokens(plan, model, device)),
+                                         plan.options.constants)
+    except TooSmall as e:
+        raise StartupError(str(e)) from None
+    if device.type == "cpu" and kernels.available(DTYPES[plan.dtype]):
+        kernels.pack(model)  # after sizing: the packed weights are not in the state dict
     cache = KVCache(cfg, layout.num_blocks, layout.block_size, dtype=DTYPES[plan.dtype],
                     device=device, tp_size=plan.world_size)
     return ModelRunner(model, cache, device), control, layout
