@@ -49,10 +49,12 @@ class PackedLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(),
                                                                    requires_grad=False)
 
-    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None = None,
+                then: str = "none") -> torch.Tensor:
+        """``then``: oneDNN's post-op on the result ("none" or "relu")."""
         shape = x.shape
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]), self.packed, bias,
-                                               "none", [], "")
+                                               then, [], "")
         return y.view(*shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -64,6 +66,13 @@ def project(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if isinstance(linear, PackedLinear):
         return linear.project(x)
     return F.linear(x, linear.weight)
+
+
+def linear_relu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """relu(x @ W.T + b), the relu fused into the multiply when the layer is packed."""
+    if isinstance(linear, PackedLinear):
+        return linear.project(x, linear.bias, "relu")
+    return F.relu(linear(x))
 
 
 def pack(model: nn.Module) -> nn.Module:
