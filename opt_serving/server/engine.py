@@ -51,6 +51,7 @@ class EngineStats:
     prefix_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int = 0  # of which were found there (not computed again)
     preemptions: int = 0
+    prompt_tokens: int = 0  # of the sequences accepted (what no cache would compute)
     prompt_tokens_computed: int = 0
 
 
@@ -201,6 +202,7 @@ class Engine:
             handle.reject(e)
             return
         self._handles[seqs[0].group] = handle
+        self.stats.prompt_tokens += sum(len(s.prompt) for s in seqs)
         handle.accept(seqs)
         # Admit now, so "waiting" (and its 429 bound) counts only requests the KV cache has
         # no room for, not a burst the loop has not looked at yet.

@@ -42,6 +42,8 @@ class _EngineCollector:
         yield GaugeMetricFamily("opt_serve_prefix_cache_hit_rate", "Hit tokens / queried "
                                 "tokens since start (0 before any lookup)",
                                 value=s.prefix_hit_tokens / max(1, s.prefix_queried_tokens))
+        yield CounterMetricFamily("opt_serve_prompt_tokens", "Prompt tokens of the sequences "
+                                  "accepted (leading </s> included)", value=s.prompt_tokens)
         yield CounterMetricFamily("opt_serve_prompt_tokens_computed", "Prompt positions run "
                                   "through the model (the prefix cache saves the rest)",
                                   value=s.prompt_tokens_computed)
