@@ -10,7 +10,8 @@ kernels gave little (slower at batch 1) and change results with the batch size, 
 on torch's own multiply.
 
 ``pack(model)`` swaps every linear layer of a loaded CPU bf16 model for a ``PackedLinear``
-and gives the tied output head a packed copy of the embedding. Logits are unchanged: the
+and gives the tied output head a packed copy of the embedding (one more embedding-sized
+tensor in memory: the lookup keeps the plain one). Logits are unchanged: the
 packed kernels compute the same bf16 products (checked against the plain model in the tests).
 """
 
