@@ -184,7 +184,7 @@ def test_digests_cover_everything_before_the_block():
     other = chain_digests([9, 2, 3, 4], 2)
     assert one[1] != other[1]  # same block tokens, different history
     assert chain_digests([1, 2, 3, 4, 5], 2) == one  # partial blocks are not keyed
-    assert chain_digests([1, 2, 3, 4], 2, 1, one[0]) == one[1:]
+    assert chain_digests([3, 4], 2, one[0]) == one[1:]  # carried on from block 0
 
 
 def test_cancel_frees_blocks_and_a_running_step_ignores_the_cancelled():

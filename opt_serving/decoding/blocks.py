@@ -23,13 +23,13 @@ from collections import OrderedDict
 from typing import Sequence
 
 
-def chain_digests(tokens: Sequence[int], block_size: int, start: int = 0,
+def chain_digests(tokens: Sequence[int], block_size: int,
                   previous: bytes = b"") -> list[bytes]:
-    """Digests of the full blocks ``start, start + 1, ...`` of ``tokens``: each covers every
-    token before its block's end (chained through ``previous``, the digest of block
-    start - 1). 16-byte BLAKE2b: a collision would need ~2^64 blocks."""
+    """Digests of the full blocks of ``tokens``, each covering every token before its end:
+    chained through ``previous``, the digest of the block just before ``tokens`` (b"" at
+    the start of a sequence). 16-byte BLAKE2b: a collision would need ~2^64 blocks."""
     out = []
-    for i in range(start, len(tokens) // block_size):
+    for i in range(len(tokens) // block_size):
         chunk = tokens[i * block_size:(i + 1) * block_size]
         previous = hashlib.blake2b(previous + b"".join(t.to_bytes(4, "little") for t in chunk),
                                    digest_size=16).digest()

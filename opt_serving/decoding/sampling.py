@@ -107,13 +107,8 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
 
 def block_tokens(logits: torch.Tensor, rows: torch.Tensor,
                  ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """-inf at ``ids[b]`` for the rows b where ``rows[b]`` is true (a copy).  # (B, V)"""
-    return block_tokens_(logits.clone(), rows, ids)
-
-
-def block_tokens_(logits: torch.Tensor, rows: torch.Tensor,
-                  ids: Sequence[Sequence[int]]) -> torch.Tensor:
-    """``block_tokens`` in place: no (B, V) mask, only the blocked positions are written."""
+    """-inf at ``ids[b]`` for the rows b where ``rows[b]`` is true, in place (only the
+    blocked positions are written, no (B, V) mask).  # (B, V)"""
     at = [(b, t) for b, (on, row_ids) in enumerate(zip(rows.tolist(), ids)) if on
           for t in row_ids]
     if at:
@@ -145,7 +140,7 @@ def process_logits(logits: torch.Tensor, rp: RowParams, *,
     if source_counts is not None:
         x = apply_penalties(x, source_counts, rp.alpha_presence_src, rp.alpha_frequency_src)
     early = n_generated < rp.min_tokens
-    return block_tokens_(x, early, [(eos_id, *ids) for ids in stop_ids])  # x is ours
+    return block_tokens(x, early, [(eos_id, *ids) for ids in stop_ids])  # x is ours
 
 
 def nucleus_top_p(rp: RowParams, steps: torch.Tensor) -> torch.Tensor:

@@ -144,8 +144,7 @@ class Scheduler:
             # Cached blocks must leave a token to feed: its logits pick the next token.
             # Echo needs every prompt position scored, so it computes its prompt afresh.
             usable = (known - 1) // bs
-            if len(seq.digests) < usable:
-                seq.digests = chain_digests(seq.tokens(0, usable * bs), bs)
+            self._digest(seq, usable)
             shared = self.prefix_caching and not seq.options.echo
             hits = pool.match_length(seq.digests[:usable]) if shared else 0
             if shared and hits < usable and seq.digests[hits] in inflight:
@@ -238,12 +237,17 @@ class Scheduler:
             if row.last and seq.id in sampled:
                 seq.generated.append(sampled[seq.id])
             full = seq.cached // bs
-            if len(seq.digests) < full:
-                seq.digests += chain_digests(seq.tokens(0, full * bs), bs, len(seq.digests),
-                                             seq.digests[-1] if seq.digests else b"")
+            self._digest(seq, full)
             if self.prefix_caching:
                 for i in range(row.start // bs, full):
                     self.pool.register(seq.blocks[i], seq.digests[i])
+
+    def _digest(self, seq: Seq, blocks: int) -> None:
+        """Extend ``seq.digests`` to its first ``blocks`` full blocks (hashing only new ones)."""
+        have, bs = len(seq.digests), self.block_size
+        if have < blocks:
+            seq.digests += chain_digests(seq.tokens(have * bs, blocks * bs), bs,
+                                         seq.digests[-1] if seq.digests else b"")
 
     def finish(self, seq: Seq) -> None:
         """Release a sequence's blocks (or take it out of the queue)."""
