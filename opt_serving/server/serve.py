@@ -173,13 +173,6 @@ def load_rank(plan: Plan, env: distributed.RankEnv) -> tuple[ModelRunner, Contro
     comm = DistComm() if plan.world_size > 1 else SINGLE
     model, cfg = load_model(plan.options.checkpoint, comm=comm, device=device,
                             dtype=DTYPES[plan.dtype])
-    if device.type == "cpu":
-        # Weights kept in the checkpoint's memory map decode at 27 tokens/s, copied into
-        # the process's own memory (huge pages) at 41 (opt-125m, fp32, measured): copy them,
-        # one tensor at a time, so the peak is the model plus one tensor.
-        with torch.no_grad():
-            for t in [*model.parameters(), *model.buffers()]:
-                t.data = t.data.clone()
     control = Control(plan.world_size, plan.options.constants.worker_timeout_s)
     if plan.world_size > 1:
         dist.barrier()  # under the long start-up timeout: ranks load at different speeds
