@@ -4,13 +4,17 @@ to fp32 (as scripts/gpu_check.py checks fp16 / bf16 on a GPU)."""
 import pytest
 import torch
 
+from constants import DEFAULTS
 from opt_serving import kernels
 from opt_serving.config import DICT_SIZE, get_preset
 from opt_serving.decoding.generate import generate
 from opt_serving.model import OPTModel, init_random
+from opt_serving.distributed import RankEnv
 from opt_serving.protocol import SamplingParams
+from opt_serving.server.serve import ServeOptions, prepare
+from paths import ASSETS
 
-pytestmark = pytest.mark.skipif(not kernels.available(torch.bfloat16),
+needs_bf16 = pytest.mark.skipif(not kernels.available(torch.bfloat16),
                                 reason="this CPU has no bf16 instructions for oneDNN")
 
 
@@ -23,6 +27,7 @@ def peaked(seed: int = 0) -> OPTModel:
     return model
 
 
+@needs_bf16
 def test_packed_bf16_equals_plain_bf16_and_stays_close_to_fp32():
     fp32 = peaked()
     plain = peaked().to(torch.bfloat16)
@@ -37,6 +42,7 @@ def test_packed_bf16_equals_plain_bf16_and_stays_close_to_fp32():
     assert (b.argmax(-1) == ref.argmax(-1)).float().mean().item() > 0.95
 
 
+@needs_bf16
 def test_packed_decoding_gives_the_same_tokens_as_plain_bf16():
     plain = peaked(3).to(torch.bfloat16)
     packed = kernels.pack(peaked(3).to(torch.bfloat16))
@@ -46,5 +52,11 @@ def test_packed_decoding_gives_the_same_tokens_as_plain_bf16():
     assert ours == [r.generated for r in generate(plain, prompts, options)]
 
 
-def test_opt_serve_picks_bf16_on_such_a_cpu():
-    assert kernels.best_cpu_dtype() == "bf16"
+def test_opt_serve_defaults_to_bf16_only_where_the_packed_kernels_run(serve_checkpoints):
+    env = RankEnv(0, 1, 0, "127.0.0.1", 0, "single")
+    base = dict(checkpoint=str(serve_checkpoints[1]), constants=DEFAULTS, host="127.0.0.1",
+                port=0, assets=str(ASSETS), device="cpu")
+    plan, _ = prepare(ServeOptions(**base), env)
+    assert plan.dtype == ("bf16" if kernels.available(torch.bfloat16) else "fp32")
+    plan, _ = prepare(ServeOptions(**base, dtype="fp32"), env)  # the flag wins
+    assert plan.dtype == "fp32"
