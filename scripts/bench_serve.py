@@ -38,11 +38,10 @@ from opt_serving import kernels
 from opt_serving.checkpoint.loading import load_model
 from opt_serving.config import DTYPES, get_preset
 from opt_serving.decoding.scheduler import Scheduler
-from opt_serving.distributed import free_port
 from opt_serving.protocol import SamplingParams
 from opt_serving.testing import bpe, synthetic
 from opt_serving.testing.hf_twin import hf_twin
-from opt_serving.testing.server_process import REPO, ServerProcess
+from opt_serving.testing.server_process import REPO, SearchServerProcess, ServerProcess
 
 CLIENTS, PER_CLIENT, TOKENS, PROMPT_LEN, DECODE_STEPS, TTFT_PROMPT = 16, 2, 64, 16, 128, 512
 TARGETS = {"decode": 2.2, "fixed16": 2.7, "mixed16": 3.5, "ttft512": 0.8}
@@ -162,7 +161,7 @@ def bb3_turns(folder: str, assets: Path, out: Path, dtype: str, cache: bool) -> 
     args = ["--checkpoint-folder", folder, "--device", "cpu", "--dtype", dtype,
             "--kv-tokens", "65536", "--assets", str(assets)]
     server = ServerProcess(*args, *([] if cache else ["--no-prefix-cache"]))
-    search = SearchServer(index)
+    search = SearchServerProcess("--index", str(index), cwd=out)
     try:
         cfg = AgentConfig(opt_server=server.url, raw_search_server=search.url,
                           search_decision="always", memory_decision="always",
@@ -187,28 +186,6 @@ def bb3_turns(folder: str, assets: Path, out: Path, dtype: str, cache: bool) -> 
     finally:
         server.stop()
         search.stop()
-
-
-class SearchServer:
-    """``opt-search-server --index INDEX`` on a free loopback port, until ``stop``."""
-
-    def __init__(self, index: Path):
-        self.url = f"http://127.0.0.1:{free_port()}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agents.search.cli", "--index", str(index), "--port",
-             self.url.rsplit(":", 1)[1]], cwd=REPO, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL)
-        for _ in range(600):
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).ok:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("opt-search-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
 
 
 def copy_bandwidth(nbytes: int = 256 << 20) -> float:

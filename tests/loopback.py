@@ -20,7 +20,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import requests
-from opt_serving.distributed import free_port  # re-exported for the tests
+from opt_serving.distributed import free_port  # noqa: F401 - re-exported for the tests
+from opt_serving.testing.server_process import SearchServerProcess  # noqa: F401 - likewise
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -143,41 +144,3 @@ def safe_interactive(*args: str, cwd: Path, timeout: float = 90.0,
 
 def search_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return run_module("agents.search.cli", *args, cwd=cwd)
-
-
-class SearchServerProcess:
-    """`opt-search-server ARGS --port P` in a subprocess; waits for GET /healthz."""
-
-    def __init__(self, *args: str, cwd: Path):
-        port = free_port()
-        self.address = f"127.0.0.1:{port}"
-        self.url = "http://" + self.address
-        self.log = open(cwd / f"search-server-{port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agents.search.cli", *args,
-                                      "--port", str(port)], cwd=cwd, env=python_env(),
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"opt-search-server exited: {self.output()}")
-            try:
-                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.ConnectionError:
-                time.sleep(0.05)
-        self.stop()
-        raise AssertionError(f"opt-search-server did not start: {self.output()}")
-
-    def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self.log.close()

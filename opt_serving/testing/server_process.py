@@ -1,4 +1,5 @@
-"""A real ``opt-serve`` subprocess on a free loopback port, for the tests and benchmarks."""
+"""Real ``opt-serve`` and ``opt-search-server`` subprocesses on free loopback ports, for the
+tests and benchmarks (started as commands: nothing of ``agents`` is imported here)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,19 @@ from pathlib import Path
 
 import requests
 
+from opt_serving.distributed import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 # fp32: the tests compare with HF transformers' fp32 OPT (tests/test_kernels.py checks bf16).
 SERVER_ARGS = ("--kv-tokens", "16384", "--max-seq-len", "512", "--device", "cpu",
                "--dtype", "fp32")
+
+
+def _env() -> dict[str, str]:
+    """The environment of a child ``python -m`` of this checkout."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
+            "PYTHONIOENCODING": "utf-8"}
 
 
 class ServerProcess:
@@ -25,8 +35,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, assets: str | os.PathLike | None = None,
                  start_timeout: float = 90.0, launcher: tuple = ()):
-        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+        env = _env()
         assets_args = ("--assets", str(assets)) if assets else ()
         self._dir = tempfile.TemporaryDirectory(prefix="opt-serve-")
         ready = Path(self._dir.name) / "ready.json"
@@ -85,3 +94,41 @@ class ServerProcess:
                 self.proc.wait(10)
         self._dir.cleanup()
         return self.proc.returncode
+
+
+class SearchServerProcess:
+    """`opt-search-server ARGS --port P` in a subprocess; waits for GET /healthz."""
+
+    def __init__(self, *args: str, cwd: Path):
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        self.url = "http://" + self.address
+        self.log = open(cwd / f"search-server-{port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "agents.search.cli", *args,
+                                      "--port", str(port)], cwd=cwd, env=_env(),
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"opt-search-server exited: {self.output()}")
+            try:
+                if requests.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"opt-search-server did not start: {self.output()}")
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.log.close()
