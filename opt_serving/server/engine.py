@@ -74,15 +74,15 @@ class Engine:
         self._stop = threading.Event()
         self._last_ping = clock()
         self.stepper = Stepper(scheduler, self._forward, tokenizer.token_bytes)
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # the loop's, once it runs
+        self._running = threading.Event()  # set when it does: ``wait_running``
 
     # -- any thread --------------------------------------------------------------------------
 
     def start(self) -> "Engine":
         """Run the loop on a thread of its own (see ``run_here`` for why not always)."""
         threading.Thread(target=self.run_here, name="engine-loop", daemon=True).start()
-        while self._thread is None:  # set by run_here, first thing
-            time.sleep(0.001)
+        self._running.wait()
         return self
 
     def run_here(self) -> None:
@@ -91,7 +91,12 @@ class Engine:
         and with more OpenMP threads than cores libgomp stops spinning between parallel
         regions (decode at 35 instead of 45 tokens/s on 2 cores, measured)."""
         self._thread = threading.current_thread()
+        self._running.set()
         self._run()
+
+    def wait_running(self) -> None:
+        """Until ``run_here`` has started on some thread."""
+        self._running.wait()
 
     @property
     def ready(self) -> bool:
@@ -246,9 +251,6 @@ class Engine:
             handle = row.seq.owner
             if row.seq.generated and handle.first_token_at is None:
                 handle.first_token_at = now
-        self.stats.steps = self.stepper.steps
-        self.stats.tokens_generated = self.stepper.tokens_generated
-        self.stats.prompt_tokens_computed = self.stepper.prompt_tokens_computed
         self._update_stats()  # before the clients hear of it: /metrics is never behind
         for event in events:
             self._route(event)
@@ -272,6 +274,9 @@ class Engine:
         s.kv_blocks_used, s.kv_blocks_total = pool.used, pool.num_blocks
         s.prefix_queried_tokens, s.prefix_hit_tokens = pool.queried_tokens, pool.hit_tokens
         s.preemptions = self.scheduler.preempted
+        step = self.stepper
+        s.steps, s.tokens_generated = step.steps, step.tokens_generated
+        s.prompt_tokens_computed = step.prompt_tokens_computed
 
     def _fail_batch(self, failed: StepFailed) -> None:
         plan, exc = failed.plan, failed.error

@@ -10,6 +10,37 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
+GAUGE, COUNTER = GaugeMetricFamily, CounterMetricFamily
+# The engine's figures: (family, name, help, value from EngineStats).
+ENGINE_METRICS = (
+    (GAUGE, "opt_serve_queue_depth", "Requests waiting for admission",
+     lambda s: s.queued_requests),
+    (GAUGE, "opt_serve_running_batch_size", "Sequences in the running batch",
+     lambda s: s.running_sequences),
+    (COUNTER, "opt_serve_tokens_generated", "Tokens sampled", lambda s: s.tokens_generated),
+    (COUNTER, "opt_serve_steps", "Engine steps run", lambda s: s.steps),
+    (COUNTER, "opt_serve_forward_seconds", "Time spent in the model's forwards",
+     lambda s: s.forward_seconds),
+    (GAUGE, "opt_serve_kv_blocks_used", "KV-cache blocks held by running sequences (of "
+     "opt_serve_kv_blocks_total)", lambda s: s.kv_blocks_used),
+    (GAUGE, "opt_serve_kv_blocks_total", "KV-cache blocks", lambda s: s.kv_blocks_total),
+    (COUNTER, "opt_serve_prefix_cache_queried_tokens", "Prompt tokens looked up in the "
+     "prefix cache", lambda s: s.prefix_queried_tokens),
+    (COUNTER, "opt_serve_prefix_cache_hit_tokens", "Prompt tokens found in the prefix cache "
+     "(not computed again)", lambda s: s.prefix_hit_tokens),
+    (GAUGE, "opt_serve_prefix_cache_hit_rate", "Hit tokens / queried tokens since start (0 "
+     "before any lookup)", lambda s: s.prefix_hit_tokens / max(1, s.prefix_queried_tokens)),
+    (COUNTER, "opt_serve_prompt_tokens", "Prompt tokens of the sequences accepted (leading "
+     "</s> included)", lambda s: s.prompt_tokens),
+    (COUNTER, "opt_serve_prompt_tokens_computed", "Prompt positions run through the model "
+     "(the prefix cache saves the rest)", lambda s: s.prompt_tokens_computed),
+    (COUNTER, "opt_serve_preemptions", "Sequences preempted (recomputed later) when the KV "
+     "cache ran out", lambda s: s.preemptions),
+    (COUNTER, "opt_serve_batches_failed", "Batches whose forward or sampling raised",
+     lambda s: s.batches_failed),
+)
+
+
 class _EngineCollector:
     """Reads the engine loop's counters at scrape time (the loop itself knows no Prometheus)."""
 
@@ -18,40 +49,10 @@ class _EngineCollector:
 
     def collect(self):
         s = self.engine.stats
-        yield GaugeMetricFamily("opt_serve_queue_depth", "Requests waiting for admission",
-                                value=s.queued_requests)
-        yield GaugeMetricFamily("opt_serve_running_batch_size",
-                                "Sequences in the running batch", value=s.running_sequences)
-        yield GaugeMetricFamily("opt_serve_ready", "1 when the model is loaded and every rank "
-                                "is alive", value=int(self.engine.ready))
-        yield CounterMetricFamily("opt_serve_tokens_generated", "Tokens sampled",
-                                  value=s.tokens_generated)
-        yield CounterMetricFamily("opt_serve_steps", "Engine steps run", value=s.steps)
-        yield CounterMetricFamily("opt_serve_forward_seconds",
-                                  "Time spent in the model's forwards", value=s.forward_seconds)
-        yield GaugeMetricFamily("opt_serve_kv_blocks_used", "KV-cache blocks held by running "
-                                "sequences (of opt_serve_kv_blocks_total)",
-                                value=s.kv_blocks_used)
-        yield GaugeMetricFamily("opt_serve_kv_blocks_total", "KV-cache blocks",
-                                value=s.kv_blocks_total)
-        yield CounterMetricFamily("opt_serve_prefix_cache_queried_tokens", "Prompt tokens "
-                                  "looked up in the prefix cache", value=s.prefix_queried_tokens)
-        yield CounterMetricFamily("opt_serve_prefix_cache_hit_tokens", "Prompt tokens found in "
-                                  "the prefix cache (not computed again)",
-                                  value=s.prefix_hit_tokens)
-        yield GaugeMetricFamily("opt_serve_prefix_cache_hit_rate", "Hit tokens / queried "
-                                "tokens since start (0 before any lookup)",
-                                value=s.prefix_hit_tokens / max(1, s.prefix_queried_tokens))
-        yield CounterMetricFamily("opt_serve_prompt_tokens", "Prompt tokens of the sequences "
-                                  "accepted (leading </s> included)", value=s.prompt_tokens)
-        yield CounterMetricFamily("opt_serve_prompt_tokens_computed", "Prompt positions run "
-                                  "through the model (the prefix cache saves the rest)",
-                                  value=s.prompt_tokens_computed)
-        yield CounterMetricFamily("opt_serve_preemptions", "Sequences preempted (recomputed "
-                                  "later) when the KV cache ran out", value=s.preemptions)
-        yield CounterMetricFamily("opt_serve_batches_failed",
-                                  "Batches whose forward or sampling raised",
-                                  value=s.batches_failed)
+        yield GAUGE("opt_serve_ready", "1 when the model is loaded and every rank is alive",
+                    value=int(self.engine.ready))
+        for family, name, help_text, value in ENGINE_METRICS:
+            yield family(name, help_text, value=value(s))
 
 
 class Metrics:

@@ -290,10 +290,8 @@ def start_engine(plan: Plan, env: distributed.RankEnv, tokenizer) -> tuple[Engin
     loaded.wait()
     if "error" in box:
         raise box["error"]
-    engine = box["engine"]
-    while engine._thread is None:  # the loop is about to start
-        time.sleep(0.001)
-    return engine, box["layout"]
+    box["engine"].wait_running()
+    return box["engine"], box["layout"]
 
 
 def spawn_workers(plan: Plan, log_level: str = "INFO") -> tuple[list, distributed.RankEnv]:
