@@ -1,18 +1,24 @@
 """Linear layers at memory bandwidth on CPUs: oneDNN with weights prepacked once.
 
-torch's default bf16 matrix multiply on a CPU reaches about half the machine's memory
-bandwidth at small batches, so a plain bf16 model decodes no faster than fp32. oneDNN with
-the weight reordered once into its blocked layout (what Inductor's freezing does, without a
-compile) uses AMX / AVX-512 bf16: measured on the 2-core development machine (Xeon with AMX),
-opt-125m's layer matmuls at batch 1 take 7.2 ms in packed bf16 against 11.3 ms in plain bf16
-and 11.5 ms in plain fp32; at batch 16, 8.1 ms against 11.5 and 29.6 ms. For fp32 the packed
-kernels gave little (slower at batch 1) and change results with the batch size, so fp32 stays
-on torch's own multiply.
+torch's default CPU matrix multiply reaches about half the machine's memory bandwidth at
+small batches. oneDNN with the weight reordered once into its blocked layout (what Inductor's
+freezing does, without a compile) reads it near bandwidth. Which dtype gains depends on the
+CPU (both measured on 2-core development machines, opt-125m's layer shapes):
 
-``pack(model)`` swaps every linear layer of a loaded CPU bf16 model for a ``PackedLinear``
-and gives the tied output head a packed copy of the embedding (one more embedding-sized
-tensor in memory: the lookup keeps the plain one). Logits are unchanged: the
-packed kernels compute the same bf16 products (checked against the plain model in the tests).
+- with bf16 instructions (AMX / AVX-512 bf16; Xeon): packed bf16 takes 7.2 ms for the layer
+  matmuls at batch 1 against 11.3 ms in plain bf16 and 11.5 ms in plain fp32; at batch 16,
+  8.1 ms against 11.5 and 29.6 ms. There fp32 packing gave little (slower at batch 1), so
+  fp32 stays on torch's multiply and bf16 is opt-serve's default.
+- without them (AVX2; EPYC): bf16 has no fast kernel at all, and packed fp32 reads weights
+  at 17.6 GB/s against torch's 11.3 at batch 1, 8.8 against 4.8 GB/s at batch 16.
+
+Packed results are the same bit for bit whatever the number of rows (checked in the tests;
+torch's own fp32 multiply changes below 16 rows), so a sequence's logits do not depend on
+what else is in the step.
+
+``pack(model)`` swaps every linear layer of a loaded CPU model for a ``PackedLinear`` and
+gives the tied output head a packed copy of the embedding (one more embedding-sized tensor
+in memory: the lookup keeps the plain one).
 """
 
 from __future__ import annotations
@@ -27,14 +33,21 @@ BATCH_HINT = 16
 
 
 def available(dtype: torch.dtype) -> bool:
-    """Packed bf16 kernels need oneDNN and a CPU with bf16 instructions."""
+    """Whether ``pack`` speeds this dtype up on this CPU (the measurements above)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.bfloat16:
+        return _has_bf16()
+    return dtype == torch.float32 and not _has_bf16()
+
+
+def _has_bf16() -> bool:
     caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return (dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and bool(caps.get("amx_bf16") or caps.get("avx512_bf16")))
+    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
 
 
 def best_cpu_dtype() -> str:
-    """opt-serve's default dtype on a CPU: bf16 where the packed kernels run, else fp32."""
+    """opt-serve's default dtype on a CPU: bf16 where its packed kernels run, else fp32."""
     return "bf16" if available(torch.bfloat16) else "fp32"
 
 
@@ -77,7 +90,8 @@ def linear_relu(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def pack(model: nn.Module) -> nn.Module:
-    """Swap the linear layers of a loaded bf16 CPU model for packed ones (in place)."""
+    """Swap the linear layers of a loaded CPU model for packed ones (in place); for the dtypes
+    ``available`` names."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is nn.Linear:
