@@ -189,6 +189,12 @@ def bb3_turns(folder: str, assets: Path, out: Path, dtype: str, cache: bool) -> 
         search.stop()
 
 
+def settle() -> None:
+    """Let the other side's idle OpenMP threads stop spinning (libgomp spins for a while after
+    a parallel region) before timing this side: the two share the machine's cores."""
+    time.sleep(0.3)
+
+
 def memory_bandwidth(nbytes: int = 256 << 20) -> tuple[float, float]:
     """Bytes per second (best of 5) read plus written by a large tensor copy, and read by a
     sum over it (its pages written first: untouched ones all map to one zero page)."""
@@ -281,7 +287,9 @@ def main(argv=None) -> int:
                              lambda: hf_batch(hf, seed + 200, mixed)),
                             ("ttft512", lambda: ours_ttft(server, seed + 300),
                              lambda: hf_generate(hf, [prompt(seed + 300, TTFT_PROMPT)], 1))):
+                        settle()
                         runs[name]["ours"].append(ours())
+                        settle()
                         runs[name]["hf"].append(theirs())
             finally:
                 server.stop()

@@ -135,8 +135,7 @@ class Scheduler:
         once, and the history is then computed once, not once per module."""
         admitted = []
         pool, bs = self.pool, self.block_size
-        inflight = {d for s in self.running if s.cached < s.known - 1
-                    for d in s.digests[s.cached // bs:]}
+        inflight = None  # digests of the blocks prompts are computing: built on a cache miss
         i = 0
         while i < len(self.waiting) and len(self.running) < self.max_seqs:
             seq = self.waiting[i]
@@ -147,9 +146,13 @@ class Scheduler:
             self._digest(seq, usable)
             shared = self.prefix_caching and not seq.options.echo
             hits = pool.match_length(seq.digests[:usable]) if shared else 0
-            if shared and hits < usable and seq.digests[hits] in inflight:
-                i += 1  # take it from the cache after the step that computes it
-                continue
+            if shared and hits < usable:
+                if inflight is None:
+                    inflight = {d for s in self.running if s.cached < s.known - 1
+                                for d in s.digests[s.cached // bs:]}
+                if seq.digests[hits] in inflight:
+                    i += 1  # take it from the cache after the step that computes it
+                    continue
             need = pool.blocks_for(known) - hits
             keep = max(1, pool.num_blocks // 100) if self.running else 0
             if need > pool.available - keep:
@@ -171,7 +174,8 @@ class Scheduler:
             seq.state = RUNNING
             self.running.append(seq)
             admitted.append(seq)
-            inflight.update(seq.digests[hits:usable])  # blocks it is about to compute
+            if inflight is not None:
+                inflight.update(seq.digests[hits:usable])  # blocks it is about to compute
         return admitted
 
     def step_plan(self) -> StepPlan:
