@@ -179,6 +179,30 @@ def test_the_prefix_cache_evicts_least_recently_used_blocks_only_when_full():
     assert fourth == a and pool.match_length(digests) == 0
 
 
+def test_homes_are_runs_of_free_blocks_that_others_leave_alone():
+    pool = BlockPool(num_blocks=20, block_size=1)
+    taken = [pool.allocate(99, None) for _ in range(20)]
+    assert sorted(taken) == list(range(20)) and not pool.open
+    for run in ([2, 3], [6, 7, 8, 9], [12, 13, 14]):  # free runs of 2, 4 and 3 blocks
+        pool.release(99, run)
+    pool.plan_home(1, None, 3)
+    home = pool.homes[1]
+    assert len(home) == 3 and set(home) <= pool.free  # three consecutive free blocks
+    pool.plan_home(2, None, 4)
+    assert (2 in pool.homes) == (home.start == 12)  # the run of 4 unless 1's home is in it
+    assert not set(home) & set(pool.homes.get(2, ()))
+    first = pool.allocate(1, None)
+    assert first == home.start and pool.allocate(1, first) == home.start + 1  # grows in place
+    homed = set(pool.home_of)
+    assert pool.open == pool.free - homed and pool.open
+    stranger = pool.allocate(3, None)  # no home: a free block in no one's home
+    assert stranger not in homed and stranger not in pool.free
+    pool.plan_home(4, None, 5)
+    assert 4 not in pool.homes  # no run of 5 open blocks: it grows wherever there is room
+    pool.release(1, [first])  # 1's home goes back to everyone
+    assert pool.open == {b for b in pool.free if b not in pool.home_of}
+
+
 def test_digests_cover_everything_before_the_block():
     one = chain_digests([1, 2, 3, 4], 2)
     other = chain_digests([9, 2, 3, 4], 2)
@@ -221,6 +245,7 @@ def test_random_workloads_read_back_what_they_wrote(jobs, blocks, max_seqs, step
         exclusive = [b for q in s.running for b in q.blocks[q.cached // BS:]]
         assert len(set(exclusive)) == len(exclusive)  # blocks still written are not shared
         assert all(s.pool.refs[b] >= 1 for b in held)
+        assert s.pool.open == {b for b in s.pool.free if b not in s.pool.home_of}
         if s.idle and t > max(a for _, _, a in jobs):
             break
     assert s.idle and len(finished) == len(seqs) and s.pool.used == 0
