@@ -36,14 +36,16 @@ def available(dtype: torch.dtype) -> bool:
     """Whether ``pack`` speeds this dtype up on this CPU (the measurements above)."""
     if not torch.backends.mkldnn.is_available():
         return False
+    caps = _capabilities()
+    bf16 = bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
     if dtype == torch.bfloat16:
-        return _has_bf16()
-    return dtype == torch.float32 and not _has_bf16()
+        return bf16
+    # Measured on x86 with AVX2 only: elsewhere (Arm's oneDNN) fp32 stays on torch's multiply.
+    return dtype == torch.float32 and not bf16 and bool(caps.get("avx2"))
 
 
-def _has_bf16() -> bool:
-    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
-    return bool(caps.get("amx_bf16") or caps.get("avx512_bf16"))
+def _capabilities() -> dict:
+    return torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
 
 
 def best_cpu_dtype() -> str:
