@@ -9,8 +9,8 @@ CPU (both measured on 2-core development machines, opt-125m's layer shapes):
   matmuls at batch 1 against 11.3 ms in plain bf16 and 11.5 ms in plain fp32; at batch 16,
   8.1 ms against 11.5 and 29.6 ms. There fp32 packing gave little (slower at batch 1), so
   fp32 stays on torch's multiply and bf16 is opt-serve's default.
-- without them (AVX2; EPYC): bf16 has no fast kernel at all, and packed fp32 reads weights
-  at 17.6 GB/s against torch's 11.3 at batch 1, 8.8 against 4.8 GB/s at batch 16.
+- without them (AVX2; EPYC): bf16 has no fast kernel at all, and packed fp32 decodes 1.12x
+  as fast as torch's multiply at batch 1 and 1.56x at batch 16 (whole steps, interleaved).
 
 Packed results are the same bit for bit whatever the number of rows (checked in the tests;
 torch's own fp32 multiply changes below 16 rows), so a sequence's logits do not depend on
