@@ -7,14 +7,16 @@ CPU (both measured on 2-core development machines, opt-125m's layer shapes):
 
 - with bf16 instructions (AMX / AVX-512 bf16; Xeon): packed bf16 takes 7.2 ms for the layer
   matmuls at batch 1 against 11.3 ms in plain bf16 and 11.5 ms in plain fp32; at batch 16,
-  8.1 ms against 11.5 and 29.6 ms. There fp32 packing gave little (slower at batch 1), so
-  fp32 stays on torch's multiply and bf16 is opt-serve's default.
+  8.1 ms against 11.5 and 29.6 ms. There fp32 packing gave little (slower at batch 1) and
+  changed results with the batch size, so fp32 stays on torch's multiply and bf16 is
+  opt-serve's default.
 - without them (AVX2; EPYC): bf16 has no fast kernel at all, and packed fp32 decodes 1.12x
   as fast as torch's multiply at batch 1 and 1.56x at batch 16 (whole steps, interleaved).
 
-Packed results are the same bit for bit whatever the number of rows (checked in the tests;
-torch's own fp32 multiply changes below 16 rows), so a sequence's logits do not depend on
-what else is in the step.
+Where they are used, packed results are the same bit for bit whatever the number of rows
+(bf16 on the Xeon, 1..300 rows, measured; fp32 on the EPYC, tested; torch's own fp32
+multiply changes below 16 rows), so a sequence's logits do not depend on what else is in
+the step.
 
 ``pack(model)`` swaps every linear layer of a loaded CPU model for a ``PackedLinear`` and
 gives the tied output head a packed copy of the embedding (one more embedding-sized tensor

@@ -72,11 +72,13 @@ def test_packed_decoding_gives_the_same_tokens_as_the_plain_model(dtype):
     assert ours == [r.generated for r in generate(plain, prompts, options)]
 
 
-@packed_dtypes
-def test_a_sequence_decodes_the_same_alone_and_in_a_batch(dtype):
-    # One packed step holds one row per decoding sequence plus the prompt chunks: with the
-    # packed kernels a sequence's log-probs do not depend on how many rows that is.
-    model = kernels.pack(peaked(5).to(dtype))
+@pytest.mark.skipif(not kernels.available(torch.float32),
+                    reason="fp32 is not packed on this CPU")
+def test_a_sequence_decodes_the_same_alone_and_in_a_batch():
+    # One packed step holds one row per decoding sequence plus the prompt chunks: with fp32
+    # packed (AVX2 CPUs) a sequence's log-probs do not depend on how many rows that is. (bf16
+    # packed on an AMX Xeon was measured so at the layer level; fp32 packed there was not.)
+    model = kernels.pack(peaked(5))
     options = SamplingParams(max_tokens=12, min_tokens=12, temperature=0, logprobs=1)
     gen = torch.Generator().manual_seed(2)
     others = [torch.randint(4, DICT_SIZE, (n,), generator=gen).tolist() for n in (3, 40, 9)]

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"],
                    help="default: fp16 on cuda; on a cpu bf16 when it has AMX or AVX-512 bf16 "
                    "(oneDNN's packed kernels: 1.6x fp32 at batch 1, 3.7x at batch 16, "
-                   "measured), else fp32 (packed too: 1.1x at batch 1, 1.6x at 16)")
+                   "measured), else fp32 (packed on x86 with AVX2: 1.1x at batch 1, 1.6x at "
+                   "16)")
     p.add_argument("--threads", type=int, help="HTTP worker threads (at least 16; default: "
                    "min(--max-batch-size, 1024) + --max-queued-requests): each open request "
                    "holds one while it waits")
