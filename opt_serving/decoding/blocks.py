@@ -120,8 +120,6 @@ class BlockPool:
         if self.evictable:
             block, _ = self.evictable.popitem(last=False)
             del self.by_digest[self.digest_of.pop(block)]
-            self.free.add(block)
-            self.open.add(block)  # the caller's _take removes it again
             return self._take(block)
         return None
 
