@@ -9,7 +9,6 @@ stop these live in conftest.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -21,10 +20,10 @@ from pathlib import Path
 
 import requests
 from opt_serving.distributed import free_port  # noqa: F401 - re-exported for the tests
-from opt_serving.testing.server_process import SearchServerProcess  # noqa: F401 - likewise
+from opt_serving.testing.server_process import (  # noqa: F401 - SearchServerProcess likewise
+    SearchServerProcess, child_env)
 
 ROOT = Path(__file__).resolve().parents[1]
-
 
 
 @dataclass(frozen=True)
@@ -121,17 +120,12 @@ def forward(target: str, timeout: float = 120.0) -> Answerer:
     return answer
 
 
-def python_env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1",
-            "PYTHONIOENCODING": "utf-8", **extra}
-
-
 def run_module(module: str, *args: str, cwd: Path, timeout: float = 60.0,
                **env: str) -> subprocess.CompletedProcess:
     """`python -m module args...` to completion, the way a console script runs it. Output is
     decoded without newline translation: a random model's "\r" stays a "\r"."""
     done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd,
-                          env=python_env(**env), capture_output=True, timeout=timeout)
+                          env=child_env(**env), capture_output=True, timeout=timeout)
     done.stdout = done.stdout.decode("utf-8", errors="replace")
     done.stderr = done.stderr.decode("utf-8", errors="replace")
     return done

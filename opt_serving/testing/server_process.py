@@ -22,11 +22,11 @@ SERVER_ARGS = ("--kv-tokens", "16384", "--max-seq-len", "512", "--device", "cpu"
                "--dtype", "fp32")
 
 
-def _env() -> dict[str, str]:
-    """The environment of a child ``python -m`` of this checkout."""
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child ``python -m`` of this checkout (plus ``extra``)."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
     return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1",
-            "PYTHONIOENCODING": "utf-8"}
+            "PYTHONIOENCODING": "utf-8", **extra}
 
 
 class ServerProcess:
@@ -35,7 +35,7 @@ class ServerProcess:
 
     def __init__(self, *args: str, assets: str | os.PathLike | None = None,
                  start_timeout: float = 90.0, launcher: tuple = ()):
-        env = _env()
+        env = child_env()
         assets_args = ("--assets", str(assets)) if assets else ()
         self._dir = tempfile.TemporaryDirectory(prefix="opt-serve-")
         ready = Path(self._dir.name) / "ready.json"
@@ -105,7 +105,7 @@ class SearchServerProcess:
         self.url = "http://" + self.address
         self.log = open(cwd / f"search-server-{port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "agents.search.cli", *args,
-                                      "--port", str(port)], cwd=cwd, env=_env(),
+                                      "--port", str(port)], cwd=cwd, env=child_env(),
                                      stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
