@@ -37,8 +37,8 @@ class CacheLayout:
         blocks = tokens // c.kv_block_size
         if blocks * c.kv_block_size < 8:
             raise TooSmall(f"the KV cache would hold only {tokens} tokens: not enough for "
-                               "a sequence. Free GPU memory, use more model-parallel ranks, or "
-                               "pass --kv-tokens")
+                           "a sequence. Free GPU memory, use more model-parallel ranks, or "
+                           "pass --kv-tokens")
         return cls(blocks, c.kv_block_size)
 
 
