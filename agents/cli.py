@@ -71,23 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(*aliases, **kwargs)
 
     flag("-o", "--init-opt", type=_preset, default="gen/opt_bb3",
-         help="ParlAI preset; only gen/opt_bb3 (the default) is implemented")
+         help="ParlAI preset; only gen/opt_bb3 is implemented (default %(default)s)")
     flag("--opt-server", default=AgentConfig.opt_server,
-         help="completions API base URL (http:// is added when missing)")
+         help="completions API base URL, e.g. opt-serve's (http:// is added when "
+              "missing; default %(default)s)")
     flag("--raw-search-server", default=None,
          help="ParlAI-protocol search server URL, e.g. opt-search-server; none: no search")
     flag("--metaseq-server-timeout", type=float, default=AgentConfig.server_timeout_s,
          metavar="S",
-         help="seconds one completions request may take")
+         help="seconds one completions request may take, headers and body together "
+              "(default %(default)s)")
     flag("--metaseq-max-retry-api", type=int, default=DEFAULT_RETRIES, metavar="N",
          help="retries of a failed request, with exponential backoff (ParlAI's -1, "
-              "'forever', means the default here)")
-    flag("--search-timeout", type=float, default=AgentConfig.search_timeout_s, metavar="S")
+              "'forever', means the default here; default %(default)s)")
+    flag("--search-timeout", type=float, default=AgentConfig.search_timeout_s, metavar="S",
+         help="seconds one search request may take; a failed search only leaves the turn "
+              "without documents (default %(default)s)")
     flag("--api-key", default=None, help="bearer token (default: the --user name)")
     group = p.add_argument_group("pipeline")
     for name in ("search", "memory", "contextual-knowledge"):
         flag(f"--{name}-decision", choices=DECISIONS, default=AgentConfig.search_decision,
-             help="compute (the decision module chooses), always or never")
+             help="compute (the decision module chooses), always or never (default "
+                  "%(default)s)")
     flag("--forget-on-done", action="store_true",
          help="[DONE] also wipes this user's memories, as ParlAI's agent forgets them (by "
               "default long-term memory outlives a conversation)")
@@ -95,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
          help="no memory-decision call while no memory is held (ParlAI asks it every turn)")
     flag("--knowledge-chunk-size", type=int, default=AgentConfig.knowledge_chunk_size,
          metavar="WORDS",
-         help="words of each search document shown to the knowledge module")
+         help="words of each search document shown to the knowledge module (default "
+              "%(default)s)")
     flag("--max-prompt-len", type=int, default=None, metavar="TOKENS",
          help="cap on every module's prompt length (default: the module limits)")
     flag("--tokenizer-dir", default=None, metavar="DIR",
@@ -103,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
               "token positions (default: the toolkit's assets from `opt-assets fetch`, else "
               "the server's POST /tokenize, else an estimate)")
     group = p.add_argument_group("memory and safety")
-    flag("--user", default=AgentConfig.user, help="conversation partner: memories are per user")
+    flag("--user", default=AgentConfig.user,
+         help="conversation partner: memories are per user (default %(default)s)")
     flag("--memory-db", default=None, metavar="PATH",
          help=f"SQLite memory file (default {default_memory_db()}; ':memory:' keeps nothing)")
     flag("--persona", action="append", default=[], metavar="TEXT",
@@ -112,9 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
          help="seed a fact about the user (repeatable)")
     flag("--safety", choices=SAFETY_MODES, default=AgentConfig.safety,
          help="check user messages and bot replies with a word list, a classifier, both, or "
-              "nothing")
+              "nothing (default %(default)s)")
     flag("--classifier-threshold", type=float, default=AgentConfig.classifier_threshold,
-         metavar="P", help="offensive-language probability from which a message is unsafe")
+         metavar="P", help="offensive-language probability from which a message is unsafe "
+                           "(default %(default)s)")
     flag("--reply-classifier-threshold", type=float, default=None, metavar="P",
          help="the same for the bot's replies (default: --classifier-threshold); lower is "
               "stricter about what the bot may say")

@@ -32,16 +32,23 @@ def fetch(dest: Path, timeout: float = 60.0) -> list[Path]:
     return written
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="opt-assets", description=(
         "Fetch or check metaseq's gpt2-vocab.json and gpt2-merges.txt (md5-verified). "
         f"Default folder: the toolkit's own, {asset_dir()}."))
-    sub = p.add_subparsers(dest="cmd", required=True)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{fetch,check,path}")
     f = sub.add_parser("fetch", help="download the two files (needs internet access)")
-    f.add_argument("--dest", type=Path, default=asset_dir())
+    f.add_argument("--dest", type=Path, default=asset_dir(),
+                   help="folder to put them in (default: the toolkit's, %(default)s)")
     c = sub.add_parser("check", help="verify the files in a folder")
-    c.add_argument("folder", type=Path, nargs="?", default=asset_dir())
+    c.add_argument("folder", type=Path, nargs="?", default=asset_dir(),
+                   help="the folder to check (default: the toolkit's, %(default)s)")
     sub.add_parser("path", help="print the toolkit's assets folder")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cmd == "path":
         print(asset_dir())

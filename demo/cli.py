@@ -59,7 +59,7 @@ def _speaking_weights(state: dict, assets: Path | None) -> dict:
 
         tok = Tokenizer.from_folder(assets_dir=assets)
     else:
-        from opt_serving.server.demo_tokenizer import ByteTokenizer
+        from opt_serving.demo_tokenizer import ByteTokenizer
 
         tok = ByteTokenizer()
     ids = sorted({i for text in [*CORPUS.values(), *CHAT] for i in tok.encode(" " + text)})
@@ -198,15 +198,36 @@ def _serve_and_chat(out: Path, folder: Path, assets: Path | None) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="opt-demo", description=__doc__)
-    p.add_argument("--out", type=Path, default=Path("demo-out"), help="work folder (replaced)")
-    p.add_argument("--preset", default="tiny-8h", help="model shape (default tiny-8h)")
-    p.add_argument("--mp", type=int, default=2, help="model-parallel degree to reshard to")
+DESCRIPTION = """\
+The whole toolkit on a tiny generated model, in about a minute on a CPU:
+
+  1. write a random BlenderBot-3-shaped checkpoint as BB3-30B ships (one consolidated.pt,
+     separate q/k/v projections, fp16);
+  2. reshard --mp 2 it, then reshard inspect and reshard verify the result;
+  3. start opt-serve on the two parts (two tensor-parallel worker processes) and
+     opt-search-server on a small indexed corpus, both on loopback;
+  4. hold a short chat through the BB3 agent, with search and long-term memory.
+
+The weights are random, so the replies are gibberish; what the demo shows is the plumbing."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="opt-demo", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("demo-out"),
+                   help="work folder, replaced on each run (default %(default)s)")
+    p.add_argument("--preset", default="tiny-8h", help="model shape (default %(default)s)")
+    p.add_argument("--mp", type=int, default=2,
+                   help="model-parallel degree to reshard to (default %(default)s)")
     p.add_argument("--assets", type=Path, default=None,
                    help="folder with gpt2-vocab.json and gpt2-merges.txt (default: the "
                         "toolkit's assets folder, filled by `opt-assets fetch`)")
     p.add_argument("--no-chat", action="store_true", help="stop after resharding")
+    return p
+
+
+def main(argv=None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     return run_demo(args.out, preset=args.preset, mp=args.mp, assets=args.assets,
                     chat=not args.no_chat)

@@ -1,22 +1,25 @@
 """``LLM``: offline generation from Python, in the shape vLLM users know.
 
     from opt_serving import LLM
-    with LLM("/data/bb3_30b/mp8") as llm:            # opt-serve's loading and TP workers
-        outs = llm.generate(["Hello", [31414, 232]], max_tokens=16, temperature=0)
-        outs[0].text, outs[0].token_ids
 
-It runs the engine opt-serve runs (continuous batching, one tensor-parallel worker process
-per part beyond the first), and ``generate`` takes the completions API's options under their
-wire names (``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``stop``, ``n``,
-``best_of``, ``logprobs``, ``echo``, the metaseq penalties), so it gives exactly the server's
-results for the same options and seed.
+    if __name__ == "__main__":                          # workers re-import this script
+        with LLM("/data/bb3_30b/mp8") as llm:            # opt-serve's loading and TP workers
+            outs = llm.generate(["Hello", [31414, 232]], max_tokens=16, temperature=0)
+            outs[0].text, outs[0].token_ids
+
+It runs the engine opt-serve runs (``runtime``: continuous batching, one tensor-parallel
+worker process per part beyond the first), and ``generate`` takes the completions API's
+options under their wire names (``max_tokens``, ``temperature``, ``top_p``, ``seed``,
+``stop``, ``n``, ``best_of``, ``logprobs``, ``echo``, the metaseq penalties), so it gives
+exactly the server's results for the same options and seed. Nothing here imports the HTTP
+server (Flask, waitress, Prometheus).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Sequence
 
 import torch
 import torch.distributed as dist
@@ -24,12 +27,14 @@ import torch.distributed as dist
 from constants import DEFAULTS
 
 from . import distributed
-from .server.handles import chosen, choice
-from .protocol import ChoiceResult, parse_request
-from .server.serve import (ServeOptions, StartupError, prepare, spawn_workers, start_engine,
-                           stop_workers)
+from .protocol import (ChoiceResult, Prompt, Renderer, new_request_id, parse_request,
+                       unknown_option_error, wire_names)
+from .runtime.naming import python_name
+from .runtime.startup import (ServeOptions, StartupError, prepare, refuse_unguarded_reentry,
+                              spawn_workers, start_engine, stop_workers)
 
-Prompt = Union[str, Sequence[int]]
+PROMPT_FORMS = ("a string, a list of token ids (ints), or a list of those (strings and id "
+                "lists may be mixed)")
 
 
 @dataclass(frozen=True)
@@ -43,51 +48,84 @@ class Completion:
     choice: ChoiceResult  # tokens, log-probs, offsets, top alternatives
 
 
+def _is_ids(p) -> bool:
+    return (isinstance(p, (list, tuple)) and len(p) > 0
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+
+
+def prompt_list(prompts) -> list[Prompt]:
+    """``prompts`` as a list of prompts; TypeError saying what a prompt may be otherwise."""
+    if isinstance(prompts, str) or _is_ids(prompts):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and all(
+            isinstance(p, str) or _is_ids(p) for p in prompts):
+        return list(prompts)
+    shown = repr(prompts)
+    raise TypeError(f"prompts must be {PROMPT_FORMS}; got {type(prompts).__name__} "
+                    f"{shown[:60]}{'...' if len(shown) > 60 else ''}")
+
+
 class LLM:
     """Load ``checkpoint`` (a folder of model-parallel parts, as opt-serve takes) and generate.
 
     ``mp``: degree to run at (default: the number of parts); ``device`` / ``dtype`` as
     opt-serve's flags; ``kv_tokens``: KV-cache positions per rank; ``max_seq_len``: positions a
-    sequence may use; ``assets``: folder of the tokenizer files."""
+    sequence may use; ``assets``: folder of the tokenizer files; ``demo_tokenizer``: a
+    byte-level stand-in when none are found (random demo models only). At ``mp`` > 1 it spawns
+    worker processes, which import the calling script again: create the LLM under
+    ``if __name__ == "__main__":``."""
 
     def __init__(self, checkpoint: str, *, mp: int | None = None, device: str | None = None,
                  dtype: str | None = None, kv_tokens: int | None = None,
                  max_seq_len: int | None = None, assets: str | None = None,
                  demo_tokenizer: bool = False, log_level: str = "WARNING"):
+        refuse_unguarded_reentry()
         constants = DEFAULTS if max_seq_len is None else dataclasses.replace(
             DEFAULTS, max_seq_len=max_seq_len)
-        options = ServeOptions(checkpoint=str(checkpoint), constants=constants,
-                               host="127.0.0.1", port=0, assets=assets, kv_tokens=kv_tokens,
-                               device=device, dtype=dtype, demo_tokenizer=demo_tokenizer, mp=mp)
+        options = ServeOptions(checkpoint=str(checkpoint), constants=constants, assets=assets,
+                               kv_tokens=kv_tokens, device=device, dtype=dtype,
+                               demo_tokenizer=demo_tokenizer, mp=mp,
+                               seq_len_given=max_seq_len is not None, naming=python_name)
         env = distributed.rank_env()
         if env.world_size > 1:
             raise StartupError("LLM runs in one process and spawns its own workers; under "
                                "torchrun or SLURM run opt-serve instead")
         self._threads = torch.get_num_threads()  # loading sets it per rank on a CPU
+        self.engine = None
         plan, self.tokenizer = prepare(options, env)
-        self.limits, self._workers = constants, []
+        self._workers = []
         if plan.world_size > 1:
             self._workers, env = spawn_workers(plan, log_level)
         try:
-            self.engine, _ = start_engine(plan, env, self.tokenizer)
+            self.engine, loaded = start_engine(plan, env, self.tokenizer, self._workers)
         except BaseException:
             self._teardown()
             raise
+        self.limits = loaded.limits  # max_seq_len: the effective per-sequence limit
         self.cfg, self.world_size = plan.cfg, plan.world_size
 
     def generate(self, prompts: Prompt | Sequence[Prompt], **options) -> list[Completion]:
         """Completions for ``prompts`` (texts or token-id lists, mixed as you like), ``n``
-        per prompt in prompt order; ``options`` as in the completions API."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        request = parse_request({**options, "prompt": ids}, self.limits)
-        if request.stream:
+        per prompt in prompt order; ``options`` as in the completions API. A misspelt option
+        is a TypeError naming the nearest one; a bad value a ValueError naming the option."""
+        if options.get("stream"):
             raise ValueError("stream is for the HTTP API; generate returns whole completions")
+        unknown = sorted(set(options) - wire_names() - {"stream"})
+        if unknown:
+            raise TypeError(unknown_option_error(unknown))
+        if self.engine is None:
+            raise RuntimeError("this LLM is closed")
+        prompts = prompt_list(prompts)
+        texts = [p for p in prompts if isinstance(p, str)]
+        encoded = iter(self.tokenizer.encode_batch(texts) if texts else ())
+        ids = [next(encoded) if isinstance(p, str) else list(p) for p in prompts]
+        request = parse_request({**options, "prompt": ids}, self.limits)
         handle = self.engine.submit(request, ids)
+        renderer = Renderer(self.tokenizer, handle.request, model=self.cfg.name,
+                            request_id=new_request_id(), created=handle.created)
         outs = []
-        for r in chosen(handle.request, handle.result()):
-            c = choice(self.tokenizer, handle.request, r)  # with echo, text has the prompt
+        for r in renderer.chosen(handle.result()):
+            c = renderer.choice(r)  # with echo, text has the prompt
             outs.append(Completion(c.text, r.generated, r.finish_reason, r.prompt_index, c))
         return outs
 

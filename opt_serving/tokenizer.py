@@ -8,6 +8,7 @@ a UTF-8 character is split across tokens.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +16,15 @@ from typing import Protocol, Sequence
 
 from tokenizers import ByteLevelBPETokenizer
 
+from assets import BASE_URL, FILES, asset_dir
 from opt_serving.vocab import DICT_SIZE
 
-VOCAB_FILE = "gpt2-vocab.json"
-MERGES_FILE = "gpt2-merges.txt"
+VOCAB_FILE, MERGES_FILE = FILES  # "gpt2-vocab.json", "gpt2-merges.txt"
 OPENAI_GPT2_SIZE = 50257
 SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")
 DOWNLOAD_HINT = (
-    "Run `opt-assets` to fetch them, or download metaseq's files from "
-    "https://github.com/facebookresearch/metaseq/raw/main/projects/OPT/assets/gpt2-vocab.json "
-    "and .../gpt2-merges.txt")
+    "Run `opt-assets fetch` to fetch them, or download metaseq's files from "
+    f"{BASE_URL}{VOCAB_FILE} and .../{MERGES_FILE}")
 
 
 class AssetError(RuntimeError):
@@ -38,15 +38,17 @@ class AssetPaths:
 
 
 def default_assets_dir() -> Path:
-    """The toolkit's own ``assets/`` folder (the repository root's, or the installed package)."""
-    return Path(__file__).resolve().parents[1] / "assets"
+    """The toolkit's own ``assets/`` folder (where ``opt-assets fetch`` puts the files)."""
+    return asset_dir()
 
 
 def locate_assets(checkpoint_folder: str | Path | None = None,
-                  assets_dir: str | Path | None = None) -> AssetPaths:
-    """The first folder holding both files: the checkpoint folder, ``--assets DIR``, then the
-    toolkit's own assets folder."""
-    candidates = [Path(p) for p in (checkpoint_folder, assets_dir) if p is not None]
+                  assets_dir: str | Path | None = None, *,
+                  assets_option: str = "--assets DIR") -> AssetPaths:
+    """The first folder holding both files: ``assets_dir`` (named explicitly, so it wins),
+    the checkpoint folder, then the toolkit's own assets folder. ``assets_option``: how the
+    caller's user names ``assets_dir`` (for the message when nothing is found)."""
+    candidates = [Path(p) for p in (assets_dir, checkpoint_folder) if p is not None]
     candidates.append(default_assets_dir())
     for folder in candidates:
         vocab, merges = folder / VOCAB_FILE, folder / MERGES_FILE
@@ -54,7 +56,7 @@ def locate_assets(checkpoint_folder: str | Path | None = None,
             return AssetPaths(vocab, merges)
     looked = ", ".join(str(c) for c in candidates)
     raise AssetError(f"no {VOCAB_FILE} + {MERGES_FILE} found (looked in: {looked}). "
-                     f"{DOWNLOAD_HINT}; then pass --assets DIR or put them next to the "
+                     f"{DOWNLOAD_HINT}; then pass {assets_option} or put them next to the "
                      f"checkpoint parts.")
 
 
@@ -96,7 +98,7 @@ def normalize(text: str) -> str:
 
 class TextTokenizer(Protocol):
     """What the server, the engine and ``LLM`` need of a tokenizer: metaseq's BPE
-    (``Tokenizer``) and the demo's byte-level stand-in (``server.demo_tokenizer``) both are."""
+    (``Tokenizer``) and the demo's byte-level stand-in (``demo_tokenizer``) both are."""
 
     @property
     def vocab_size(self) -> int: ...
@@ -113,8 +115,34 @@ class TextTokenizer(Protocol):
 
     def single_token_ids(self, texts: Sequence[str]) -> tuple[int, ...]: ...
 
+    @property
+    def max_token_bytes(self) -> int: ...
 
-class Tokenizer:
+
+class ByteDecoding:
+    """What every tokenizer here derives from ``token_bytes`` and ``encode_batch``: decoding
+    at the byte level, the single-token stop ids and the longest token."""
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """Bytes of the longest token: no n tokens span more than n times this."""
+        return max(len(self.token_bytes(i)) for i in range(self.vocab_size))
+
+    def decode_token(self, token_id: int) -> str:
+        """One token alone, as metaseq's ``tokens`` list (a split character shows as U+FFFD)."""
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+    def single_token_ids(self, texts: Sequence[str]) -> tuple[int, ...]:
+        """Ids of the texts that are exactly one token (``"\\n"`` -> 50118): the stop tokens
+        that min_tokens blocks, as metaseq does."""
+        encoded = self.encode_batch(list(texts))
+        return tuple(sorted({ids[0] for ids in encoded if len(ids) == 1}))
+
+
+class Tokenizer(ByteDecoding):
     """Encode with HF ``tokenizers`` (as metaseq's hf_byte_bpe); decode from a byte table."""
 
     def __init__(self, paths: AssetPaths):
@@ -147,16 +175,3 @@ class Tokenizer:
             raise ValueError(f"token id {token_id} is outside the dictionary "
                              f"(0..{len(self._pieces) - 1})")
         return self._pieces[token_id]
-
-    def decode_token(self, token_id: int) -> str:
-        """One token alone, as metaseq's ``tokens`` list (a split character shows as U+FFFD)."""
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
-
-    def single_token_ids(self, texts: Sequence[str]) -> tuple[int, ...]:
-        """Ids of the texts that are exactly one token (``"\\n"`` -> 50118): the stop tokens
-        that min_tokens blocks, as metaseq does."""
-        encoded = self.encode_batch(list(texts))
-        return tuple(sorted({ids[0] for ids in encoded if len(ids) == 1}))

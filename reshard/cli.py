@@ -28,8 +28,8 @@ SUBCOMMANDS = ("inspect", "verify")
 
 DESCRIPTION = """\
 Re-partition a metaseq OPT / BlenderBot-3 checkpoint into M model-parallel parts, streaming
-tensor by tensor: memory stays near two of the model's largest tensors whatever its size
-(under 3 GB for OPT-175B, whose embedding is 1.2 GB). INPUT is any of:
+tensor by tensor: memory stays within one to two of the model's largest tensors whatever its
+size (measured 1.1-2x; under 3 GB for OPT-175B, whose embedding is 1.2 GB). INPUT is any of:
   - a consolidated file (fused qkv_proj, or separate q_proj/k_proj/v_proj as in BB3-30B's
     consolidated.pt),
   - model-parallel parts: files, a quoted glob, a folder, or metaseq's virtual
@@ -39,7 +39,8 @@ tensor by tensor: memory stays near two of the model's largest tensors whatever 
 Any N -> M works, including M = 1 (consolidate).
 
 Output: M files reshard-model_part-{r}.pt (r = 0 .. M-1) in --output-dir, by default a folder
-mp{M} beside the input (inside it when INPUT is a folder). Each is a full metaseq checkpoint
+beside the input: mp{M} next to a file or a folder named like mp8, <folder>-mp{M} next to any
+other folder. Each is a full metaseq checkpoint
 (model, cfg, optimizer_history, extra_state, args) holding rank r's slice: qkv_proj fused in
 per-rank K,V,Q order ([K_r; V_r; Q_r], metaseq's layout), decoder.version kept, no
 output_projection (tied to embed_tokens), cfg.model.model_parallel_size = M, training state
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model-parallel degree to write: must divide the number of heads and "
                         "the vocabulary (50272 = 2^5 x 1571), e.g. 1, 2, 4, 8 for bb3-30b")
     p.add_argument("--output-dir", metavar="DIR",
-                   help="where to write the parts (default: mp{M} beside the input)")
+                   help="where to write the parts (default: beside the input, see above)")
     p.add_argument("--dtype", choices=[*DTYPES, "keep"], default="keep",
                    help="dtype of the written weights (default keep: the input's; "
                         "decoder.version stays fp32)")
@@ -123,6 +124,11 @@ def build_verify_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print {folder, ok, problems} as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
+
+
+def all_parsers() -> list[argparse.ArgumentParser]:
+    """Every parser of this command (for the help-text test)."""
+    return [build_parser(), build_inspect_parser(), build_verify_parser()]
 
 
 def _run_reshard(argv: list[str]) -> int:

@@ -64,9 +64,14 @@ class ReshardResult:
 
 
 def default_output_dir(inputs: list[str], mp: int) -> Path:
+    """Beside the input: ``mp{M}`` next to a file, and next to a folder too (a folder named
+    like ``mp8`` gets a sibling ``mp1``; any other folder ``<name>-mp{M}``)."""
     first = Path(inputs[0])
-    base = first if first.is_dir() else first.parent
-    return base / f"mp{mp}"
+    if not first.is_dir():
+        return first.parent / f"mp{mp}"
+    folder = first.resolve()
+    is_degree = folder.name.startswith("mp") and folder.name[2:].isdigit()
+    return folder.parent / (f"mp{mp}" if is_degree else f"{folder.name}-mp{mp}")
 
 
 def _prepare_output(out: Path, input_files: list[str], overwrite: bool) -> None:

@@ -177,7 +177,8 @@ def format_report(r: dict) -> str:
     if "manifest" in r:
         m = r["manifest"]
         rows.append(("manifest", m if isinstance(m, str) else
-                     f"written by reshard: mp{m['mp']}, {m['dtype']}, {m['parts']} parts "
+                     f"written by reshard: mp{m['mp']}, {m['dtype']}, {m['parts']} "
+                     f"part{'s' if m['parts'] != 1 else ''} "
                      f"(check with `reshard verify`)"))
     width = max(len(k) for k, _ in rows)
     return "\n".join([r["path"]] + [f"  {k:<{width}}  {v}" for k, v in rows])

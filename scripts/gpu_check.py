@@ -11,14 +11,16 @@ trained model's, otherwise argmax comparisons flip on rounding noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
 import torch
 
 
+from constants import DEFAULTS
 from opt_serving.config import DICT_SIZE, get_preset
-from opt_serving.decoding.generate import generate
+from opt_serving.runtime.generate import generate
 from opt_serving.model import OPTModel, init_random
 from opt_serving.protocol import SamplingParams
 
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
             # The engine's path (packed steps, paged KV cache, prompts in 16-token chunks)
             # must score the prompt as the full forward does.
             res = generate(model, tokens[:, 1:].tolist(), SamplingParams(max_tokens=0, echo=True),
-                           step_tokens=16)
+                           limits=dataclasses.replace(DEFAULTS, max_batch_tokens=16))
             paged = torch.tensor([r.prompt_logprobs for r in res])  # (4, 47)
             full = torch.log_softmax(gpu[:, :-1], -1).gather(-1, tokens[:, 1:, None])[..., 0]
             inc_diff = (paged - full).abs().max().item()

@@ -15,7 +15,7 @@ from opt_serving.config import VOCAB_SIZE
 from opt_serving.server.app import Service, create_app
 from opt_serving.decoding.scheduler import Scheduler
 from opt_serving.protocol import EngineError, parse_request
-from opt_serving.server.engine import Engine
+from opt_serving.runtime.engine import Engine
 from opt_serving.tokenizer import Tokenizer, locate_assets
 from paths import ASSETS
 

@@ -16,12 +16,12 @@ import torch
 from constants import DEFAULTS
 from opt_serving.model import KVCache
 from opt_serving.server.app import Service, create_app
-from opt_serving.server.engine import Engine
+from opt_serving.runtime.engine import Engine
 from opt_serving.protocol import EngineError
 from opt_serving.decoding.scheduler import Scheduler
 from opt_serving.protocol import parse_request
-from opt_serving.decoding.work import ModelRunner
-from opt_serving.server.ranks import Control
+from opt_serving.runtime.runner import ModelRunner
+from opt_serving.runtime.ranks import Control
 
 # -- 11. numbers the arithmetic cannot hold ---------------------------------------------------
 
@@ -102,7 +102,7 @@ def test_a_non_finite_row_fails_only_its_request(inproc):
     (b'{"prompt": "a\\ud800b"}', 400, "prompt"),
     (b'{"prompt": ["ok", "\\udfff"]}', 400, "prompt"),
     (b'{"prompt": "a", "stop": ["\\ud83d"]}', 400, "stop"),
-    (b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, None),
+    (b'{"prompt": "a", "max_tokens": 1' + b"0" * 5000 + b"}", 400, "max_tokens"),
     (b'{"prompt": "' + b"a" * (5 << 20) + b'"}', 413, None),
 ])
 def test_bad_bodies_are_json(server, raw, status, param):

@@ -9,11 +9,11 @@ import torch
 from constants import DEFAULTS
 from opt_serving import kernels
 from opt_serving.config import DICT_SIZE, get_preset
-from opt_serving.decoding.generate import generate
+from opt_serving.runtime.generate import generate
 from opt_serving.model import OPTModel, init_random
 from opt_serving.distributed import RankEnv
 from opt_serving.protocol import SamplingParams
-from opt_serving.server.serve import ServeOptions, prepare
+from opt_serving.runtime.startup import ServeOptions, prepare
 from paths import ASSETS
 
 needs_bf16 = pytest.mark.skipif(not kernels.available(torch.bfloat16),

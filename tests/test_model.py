@@ -1,10 +1,13 @@
 """The decoder against HF transformers' OPT (an implementation nobody here wrote)."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from constants import DEFAULTS
 from opt_serving.config import DICT_SIZE, PRESETS, get_preset
-from opt_serving.decoding.generate import generate
+from opt_serving.runtime.generate import generate
 from opt_serving.model import AttentionRows, KVCache, OPTModel, init_random
 from opt_serving.protocol import SamplingParams
 from opt_serving.testing.hf_twin import hf_twin
@@ -37,7 +40,8 @@ def test_greedy_continuation_matches_hf_generate(pair):
                              min_new_tokens=12, pad_token_id=1)[0, 5:].tolist()
     for chunk in (512, 2):  # the prompt in one step, and in chunks of 2 tokens
         (ours,) = generate(model, [prompt], SamplingParams(max_tokens=12, min_tokens=12,
-                                                           temperature=0), step_tokens=chunk)
+                                                           temperature=0),
+                           limits=dataclasses.replace(DEFAULTS, max_batch_tokens=chunk))
         assert list(ours.generated) == theirs
 
 

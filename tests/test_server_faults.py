@@ -12,8 +12,8 @@ import requests
 
 from opt_serving.distributed import RankEnv, free_port
 from opt_serving.server.cli import main as serve_main
-from opt_serving.server.demo_tokenizer import ByteTokenizer
-from opt_serving.server.serve import ServeOptions, prepare
+from opt_serving.demo_tokenizer import ByteTokenizer
+from opt_serving.runtime.startup import ServeOptions, prepare
 from opt_serving.tokenizer import default_assets_dir
 from server_helpers import SERVER_ARGS, ServerProcess
 

@@ -5,7 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from opt_serving.decoding.generate import generate
+from opt_serving.runtime.generate import generate
 from opt_serving.protocol import SamplingParams
 from opt_serving.testing.hf_twin import hf_twin
 

@@ -127,10 +127,11 @@ def _asset_dir(path: Path) -> Path:
     return path
 
 
-def test_locate_prefers_checkpoint_folder_then_assets_dir(tmp_path, monkeypatch):
+def test_locate_prefers_the_named_assets_dir_then_the_checkpoint_folder(tmp_path, monkeypatch):
     ckpt, assets, own = _asset_dir(tmp_path / "ckpt"), _asset_dir(tmp_path / "a"), tmp_path / "own"
     monkeypatch.setattr(tk, "default_assets_dir", lambda: own)
-    assert locate_assets(ckpt, assets).vocab == ckpt / tk.VOCAB_FILE
+    assert locate_assets(ckpt, assets).vocab == assets / tk.VOCAB_FILE  # named: it wins
+    assert locate_assets(ckpt, tmp_path / "empty").vocab == ckpt / tk.VOCAB_FILE
     assert locate_assets(tmp_path, assets).vocab == assets / tk.VOCAB_FILE
     _asset_dir(own)
     assert locate_assets(tmp_path).merges == own / tk.MERGES_FILE

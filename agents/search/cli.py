@@ -31,7 +31,8 @@ def _index_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH",
                    help="files or folders (.txt, .md, .html, .jsonl; folders are recursed)")
     p.add_argument("--chunk-words", type=int, default=200,
-                   help="split long text files into passages of about this many words")
+                   help="split long text files into passages of about this many words "
+                        "(default %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -45,18 +46,28 @@ def _serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", help="index built by `opt-search-server index`")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default loopback only)")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--port", type=int, default=8080,
+                   help="TCP port to listen on (default %(default)s; 0 picks a free one)")
     p.add_argument("--upstream", metavar="URL",
                    help="forward queries to this search service instead of the index")
     p.add_argument("--upstream-kind", choices=("parlai", "searxng"), default="parlai",
-                   help="parlai: another raw search server; searxng: its /search?format=json")
+                   help="parlai: another raw search server; searxng: its /search?format=json "
+                        "(default %(default)s)")
     p.add_argument("--upstream-timeout", type=float, default=10.0, metavar="S",
-                   help="seconds before an upstream query fails with a 502")
-    p.add_argument("--max-results", type=int, default=20, help="cap on n")
+                   help="seconds before an upstream query fails with a 502 (default "
+                        "%(default)s)")
+    p.add_argument("--max-results", type=int, default=20,
+                   help="cap on the n a client asks for (default %(default)s)")
     p.add_argument("--max-query-chars", type=int, default=512,
-                   help="longer queries are cut to this length")
-    p.add_argument("--threads", type=int, default=4, help="waitress worker threads")
+                   help="longer queries are cut to this length (default %(default)s)")
+    p.add_argument("--threads", type=int, default=4,
+                   help="waitress worker threads (default %(default)s)")
     return p
+
+
+def all_parsers() -> list[argparse.ArgumentParser]:
+    """Every parser of this command (for the help-text test)."""
+    return [_serve_parser(), _index_parser()]
 
 
 def _run_index(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=textwrap.dedent("""\
             examples:
               opt-capacity --model bb3-175b --gpu a100-80g --mp 16 --context 2048
-              opt-capacity --checkpoint-folder /data/bb3_30b/mp8 --gpu h100-80g
+              opt-capacity --checkpoint-folder /data/bb3_30b/mp8 --gpu h100-sxm
               opt-capacity --model bb3-30b --gpu a100-40g      # smallest degree that fits
               opt-capacity --model opt-66b --gpu-memory-gib 48 --gpu-bandwidth-gbs 696 \\
                   --gpu-tflops 150 --json
@@ -41,8 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--model", metavar="PRESET", help="a model preset, e.g. bb3-30b")
     src.add_argument("--checkpoint-folder", "--checkpoint", metavar="PATH",
                      help="a checkpoint folder or file: only its config is read")
-    p.add_argument("--gpu", metavar="NAME", help="a catalogue GPU (default a100-80g); with "
-                   "the --gpu-* figures below, they override its own")
+    p.add_argument("--gpu", metavar="NAME", help="a catalogue GPU (listed below; default "
+                   "a100-80g); with the --gpu-* figures below, they override its own")
     p.add_argument("--gpu-memory-gib", type=float, metavar="GIB", help="custom memory per GPU "
                    "(without --gpu, give all three figures)")
     p.add_argument("--gpu-bandwidth-gbs", type=float, metavar="GB/S",
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allreduce-us", type=float, default=DEFAULT_ALLREDUCE_US, metavar="US",
                    help="latency of one all-reduce when split (default 64)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
-    p.add_argument("--plot", metavar="FILE", help="write a PNG: memory per GPU by degree, and "
-                   "tokens/s against batch size")
+    p.add_argument("--plot", metavar="FILE", help="write a PNG to FILE: memory per GPU by "
+                   "degree, and tokens/s against batch size (its path is printed)")
     return p
 
 
@@ -231,6 +232,7 @@ def main(argv=None) -> int:
     if args.plot:
         try:
             write_plot(result, args.plot)
+            print(f"opt-capacity: wrote {os.path.abspath(args.plot)}", file=sys.stderr)
         except OSError as e:
             print(f"opt-capacity: cannot write the plot {args.plot}: {e.strerror or e}",
                   file=sys.stderr)

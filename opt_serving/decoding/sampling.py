@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 
 from opt_serving.config import DICT_SIZE, EOS_ID
-from opt_serving.protocol import ROW_FIELDS, SamplingParams
+from opt_serving.protocol import SamplingParams, pick_best, row_fields  # noqa: F401
 
 # Factual nucleus restarts its decay at the start of a sentence: after ".", "?" and "!".
 SENTENCE_END_IDS = frozenset({4, 116, 328})
@@ -25,8 +25,8 @@ _DTYPES = {"float": torch.float32, "long": torch.long, "bool": torch.bool}
 
 
 class RowParams:
-    """The options of B rows as (B,) tensors, one per ``_row`` field of SamplingParams
-    (declared there, once), plus ``greedy`` (bool)."""
+    """The options of B rows as (B,) tensors, one per row field of their options type
+    (declared there, once: ``protocol.options``), plus ``greedy`` (bool)."""
 
     def __init__(self, columns: dict[str, torch.Tensor]):
         self.__dict__.update(columns)
@@ -34,7 +34,7 @@ class RowParams:
     @classmethod
     def stack(cls, params: Sequence[SamplingParams], device=None) -> "RowParams":
         columns = {name: torch.tensor([getattr(p, name) for p in params], dtype=_DTYPES[kind],
-                                      device=device) for name, kind in ROW_FIELDS}
+                                      device=device) for name, kind in row_fields(type(params[0]))}
         columns["greedy"] = torch.tensor([p.greedy for p in params], dtype=torch.bool,
                                          device=device)
         return cls(columns)
@@ -241,9 +241,3 @@ def gather_logprobs(logprobs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best (log-prob, id) per position, best first.  # (..., k) each"""
     return tuple(logprobs.topk(k, dim=-1))
-
-
-def pick_best(total_logprobs: Sequence[float], n: int) -> list[int]:
-    """Indices of the n best of best_of samples by total log-prob, best first (ties keep
-    order)."""
-    return sorted(range(len(total_logprobs)), key=lambda i: -total_logprobs[i])[:n]

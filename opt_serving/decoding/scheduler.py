@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from opt_serving.config import EOS_ID
 from opt_serving.protocol import RequestError, SamplingParams
@@ -107,7 +107,7 @@ class Scheduler:
     # -- transitions ---------------------------------------------------------------------------
 
     def submit(self, prompts: Sequence[Sequence[int]], options: SamplingParams, *,
-               owner: Any = None, stop_ids: tuple[int, ...] = (),
+               stop_ids: tuple[int, ...] = (),
                stream: bool = False) -> tuple[Seq, ...]:
         """Queue one request: ``options.best_of`` sequences per prompt, prompt by prompt.
         Raises QueueFull (429) or RequestError (400) and then queues nothing."""
@@ -118,7 +118,7 @@ class Scheduler:
         group = next(self._groups)
         seqs = tuple(Seq(id=next(self._ids), group=group, prompt=(self.bos_id, *kept),
                          options=options, prompt_index=p, copy=i, truncated=dropped,
-                         stop_ids=stop_ids, stream=stream, owner=owner)
+                         stop_ids=stop_ids, stream=stream)
                      for p, (kept, dropped) in enumerate(fitted)
                      for i in range(options.best_of))
         self.waiting.extend(seqs)

@@ -3,56 +3,23 @@
 ``Seq`` is the one sequence type (vLLM's ``Sequence``): the scheduler moves it between
 waiting, running and finished and keeps its block table; the step appends tokens with
 ``add``, which also checks the stop criteria; ``delta`` and ``result`` are what a stream and
-a whole answer return. Nothing here knows about threads or HTTP: ``owner`` is whatever the
-caller routes events to (the engine's request handle; nothing for ``generate``).
+a whole answer return (``protocol.results``). Nothing here knows about threads or HTTP: the
+engine finds a sequence's request by its ``group``.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
-from opt_serving.protocol import SamplingParams, TopK
+from opt_serving.protocol import Delta, SamplingParams, SeqResult, TopK  # noqa: F401
 
 from .sampling import make_generator, source_tokens
 from .stopping import StopStatus, check
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
-
-
-@dataclass(frozen=True)
-class SeqResult:
-    """One finished sequence: what ``protocol.build_choice`` needs."""
-
-    prompt_index: int
-    copy: int
-    prompt: tuple[int, ...]  # model input, leading </s> first
-    truncated: int
-    generated: tuple[int, ...]  # the returned tokens (EOS and anything after a stop cut off)
-    logprobs: tuple[float, ...]
-    tops: tuple[TopK, ...] | None
-    prompt_logprobs: tuple[float, ...]  # teacher-forced, one per prompt[1:] (echo only)
-    prompt_tops: tuple[TopK, ...] | None
-    finish_reason: str
-    text_bytes: int
-
-    @property
-    def total_logprob(self) -> float:
-        return sum(self.logprobs)
-
-
-@dataclass(frozen=True)
-class Delta:
-    """New output of one streamed choice: bytes of its text and the tokens that ended in them
-    as (id, log-prob, top alternatives or None)."""
-
-    index: int
-    text: bytes
-    tokens: tuple[tuple[int, float, TopK | None], ...]
-    finish_reason: str | None = None
 
 
 @dataclass(eq=False)
@@ -68,7 +35,6 @@ class Seq:
     truncated: int = 0  # prompt tokens dropped from the left to fit max_tokens
     stop_ids: tuple[int, ...] = ()  # single-token stop sequences, blocked before min_tokens
     stream: bool = False  # the step emits a Delta whenever new text is safe to send
-    owner: Any = None  # the caller's (the engine's request handle)
     # -- cache place (the scheduler's) --
     blocks: list[int] = field(default_factory=list)  # block table: position p is in p // bs
     digests: list[bytes] = field(default_factory=list)  # of its full blocks (prefix cache)

@@ -1,10 +1,10 @@
-"""One step's work as tensors, and the forward each rank runs on it.
+"""One step's work as tensors.
 
 ``build_work`` turns a ``StepPlan`` into a ``StepWork``: the new tokens of every sequence
 packed one after the other (no padding), their positions, each sequence's block table, and
 the packed rows whose logits are wanted. It is int64 CPU tensors, which rank 0 also
-broadcasts to the other ranks (``server.ranks``); ``ModelRunner`` runs it on one rank's model
-and KV cache as a single forward.
+broadcasts to the other ranks (``runtime.ranks``); ``runtime.runner.ModelRunner`` runs it on
+one rank's model and KV cache as a single forward.
 """
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from opt_serving.model import AttentionRows, KVCache, OPTModel
-
 from .scheduler import StepPlan
-
-OP_STEP = 1  # the rank protocol's header op for a step (server.ranks has the others)
 
 
 @dataclass(frozen=True)
@@ -30,24 +26,6 @@ class StepWork:
     lengths: torch.Tensor  # (B,) new tokens per sequence (they sum to N)
     tables: torch.Tensor  # (B, M) block tables, padded with -1
     select: torch.Tensor  # (S,) packed rows whose logits are wanted
-
-    def header(self) -> torch.Tensor:
-        b, m = self.tables.shape
-        return torch.tensor([OP_STEP, self.tokens.shape[0], b, m, self.select.shape[0]],
-                            dtype=torch.long)
-
-    def payload(self) -> torch.Tensor:
-        return torch.cat([x.reshape(-1) for x in (
-            self.tokens, self.starts, self.lengths, self.tables, self.select)])
-
-    @staticmethod
-    def payload_len(n: int, b: int, m: int, s: int) -> int:
-        return n + 2 * b + b * m + s
-
-    @classmethod
-    def from_payload(cls, n: int, b: int, m: int, s: int, flat: torch.Tensor) -> "StepWork":
-        tokens, starts, lengths, tables, select = flat.split([n, b, b, b * m, s])
-        return cls(tokens, starts, lengths, tables.view(b, m), select)
 
 
 @dataclass(frozen=True)
@@ -81,21 +59,3 @@ def build_work(plan: StepPlan) -> tuple[StepWork, LogitIndex]:
                              for r in plan.rows], dtype=torch.long).view(len(plan.rows), width),
         select=torch.tensor(select, dtype=torch.long))
     return work, LogitIndex(tuple(first), tuple(count))
-
-
-class ModelRunner:
-    """One rank's model and KV cache; runs a StepWork as one packed forward."""
-
-    def __init__(self, model: OPTModel, cache: KVCache, device: torch.device):
-        self.model, self.cache, self.device = model, cache, device
-
-    @torch.inference_mode()
-    def run(self, work: StepWork) -> torch.Tensor:
-        """Logits (S, V) at the selected rows, on the device."""
-        dev = self.device
-        starts, lengths = work.starts.tolist(), work.lengths.tolist()
-        rows = AttentionRows.build(starts, lengths, work.tables.tolist(),
-                                   self.cache.block_size, dev)
-        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
-        return self.model.step(work.tokens.to(dev), positions.to(dev), self.cache, rows,
-                               work.select.to(dev))

@@ -1,88 +1,49 @@
-"""The completions request, torch-free: the decoding options, the field names, parsing a body
-once into a typed, validated ``CompletionRequest`` (every bad input is a ``RequestError``
-naming the field: a 400, or 413 for size), and building a body as a client sends it.
+"""The completions request, torch-free: parsing a body once into a typed, validated
+``CompletionRequest`` (every bad input is a ``RequestError`` naming the field: a 400, or 413 for
+size), and building a body as a client sends it. The options themselves, and the table that
+drives their parsing, are ``options.SamplingParams``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import difflib
 import json
 import math
-import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence, Union
 
 from constants import DEFAULTS, ServiceConstants
 from opt_serving.vocab import DICT_SIZE
 
-Prompt = Union[str, tuple[int, ...]]  # text, or token ids
+from .options import (MAX_INT, MAX_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE,  # noqa: F401
+                      ROW_FIELDS, SamplingParams, Spec, specs, wire_names)
+
+Prompt = Union[str, Sequence[int]]  # text, or token ids (parsed: a tuple)
 
 # OpenAI fields we accept but cannot honour: refused rather than silently ignored.
 UNSUPPORTED = ("suffix", "logit_bias")
-KNOWN = frozenset({
-    "prompt", "max_tokens", "min_tokens", "temperature", "top_p", "top_k", "n", "best_of",
-    "logprobs", "echo", "stop", "seed", "lambda_decay", "omega_bound", "alpha_presence",
-    "alpha_frequency", "alpha_presence_src", "alpha_frequency_src", "alpha_src_penalty_end_idx",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "stream", "model", "user", *UNSUPPORTED})
+# Fields of the request that are not decoding options.
+REQUEST_FIELDS = ("prompt", "stream", "stream_options", "model", "user")
 
 
-def _row(kind: str, **kw):
-    """A field the sampler needs as a (B,) tensor per batch ("float", "long" or "bool")."""
-    return dataclasses.field(metadata={"row": kind}, **kw)
+def known_fields(cls: type = SamplingParams) -> frozenset[str]:
+    """Every field a completions body may carry for options of type ``cls``."""
+    return frozenset({*REQUEST_FIELDS, *wire_names(cls), *UNSUPPORTED})
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """One request's decoding options, built once from the body (the contract's defaults), as
-    vLLM's SamplingParams. Fields marked ``_row`` become the sampler's per-row tensors
-    (``decoding.sampling.RowParams``): a new knob is a field here and a line in the sampler."""
-
-    max_tokens: int = DEFAULTS.default_max_tokens
-    min_tokens: int = _row("long", default=0)  # EOS and stops blocked before this many tokens
-    stop: tuple[str, ...] = ()  # stop sequences, none empty
-    n: int = 1  # completions returned per prompt
-    best_of: int = 1  # sampled per prompt; the n best by total log-prob are returned
-    logprobs: int | None = None  # alternatives per token to return; None: absent (null)
-    echo: bool = False  # return the prompt's tokens and teacher-forced log-probs too
-    seed: int | None = None
-    temperature: float = _row("float", default=1.0)  # 0 = greedy
-    top_p: float = _row("float", default=1.0)  # <= 0 = greedy (ParlAI sends -1)
-    top_k: int = _row("long", default=0)  # 0 = off (sampling's top-k, not logprobs')
-    lambda_decay: float = _row("float", default=-1.0)  # <= 0 = factual nucleus off
-    omega_bound: float = _row("float", default=0.3)
-    alpha_presence: float = _row("float", default=0.0)
-    alpha_frequency: float = _row("float", default=0.0)
-    alpha_presence_src: float = _row("float", default=0.0)
-    alpha_frequency_src: float = _row("float", default=0.0)
-    alpha_src_penalty_end_idx: int = -1  # < 0 = the whole prompt
-    # CTRL's penalty, as HF and vLLM take it: > 1 discourages every token already in the
-    # prompt or the output (positive logits divided by it, negative ones multiplied); 1 = off.
-    repetition_penalty: float = _row("float", default=1.0)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_p <= 0
-
-    @property
-    def num_logprobs(self) -> int:
-        """How many alternatives to return per token (0: none)."""
-        return self.logprobs or 0
-
-    @functools.cached_property
-    def stop_bytes(self) -> tuple[bytes, ...]:
-        """UTF-8 of the stop sequences, duplicates dropped: stops match on bytes."""
-        return tuple(dict.fromkeys(s.encode("utf-8") for s in self.stop if s))
-
-    def seeded(self) -> "SamplingParams":
-        """With a concrete seed, drawn once on rank 0 so every rank samples the same."""
-        if self.seed is not None:
-            return self
-        return dataclasses.replace(self, seed=secrets.randbits(63))
+KNOWN = known_fields()
 
 
-ROW_FIELDS = tuple((f.name, f.metadata["row"]) for f in dataclasses.fields(SamplingParams)
-                   if "row" in f.metadata)
+def unknown_option_error(names: Sequence[str], cls: type = SamplingParams) -> str:
+    """'not an option: max_tokenz (did you mean max_tokens?)' for Python callers."""
+    known = sorted(known_fields(cls) - {"prompt", "stream", "stream_options"})
+    parts = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        parts.append(f"{name}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return (f"not a completions option: {', '.join(parts)}. The options are: "
+            f"{', '.join(known)}")
 
 
 def completion_body(prompt: Prompt | Sequence[Prompt], **fields) -> dict:
@@ -120,6 +81,7 @@ class CompletionRequest:
     prompts: tuple[Prompt, ...]
     sampling: SamplingParams
     stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     model: str | None = None
     user: str | None = None
     ignored: tuple[str, ...] = ()  # unknown fields, for the log
@@ -244,88 +206,144 @@ def _stop(obj: Mapping, limits: ServiceConstants) -> tuple[str, ...]:
     return tuple(_text(s, "stop", "stop") for s in stops)
 
 
-# Bounds that keep every row's arithmetic finite in float32 (logits are within +-1e3; a penalty
-# is multiplied by a count of at most max_seq_len; 1 / MIN_TEMPERATURE stays far from 3e38).
-# Past them one request's inf or NaN would reach the shared batch.
-MAX_PENALTY = 1e4
-MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-4, 1e4
-MAX_INT = 2**63 - 1  # what an int64 tensor (seeds, indices) holds
+def _penalty(obj: Mapping, name: str, spec: Spec, default: float,
+             limits: ServiceConstants) -> float:
+    """metaseq's alpha_* or OpenAI's *_penalty: the same setting under two names."""
+    alias = spec.alias
+    if obj.get(name) is not None and obj.get(alias) is not None and obj[name] != obj[alias]:
+        raise RequestError(f"{name} and {alias} are the same setting; give one", alias)
+    given = name if obj.get(name) is not None else alias
+    return _float(obj, given, default, *spec.bounds(limits))
 
 
-def _penalty(obj: Mapping, ours: str, openai: str) -> float:
-    """metaseq's alpha_* or OpenAI's *_penalty: the same formula under two names."""
-    if obj.get(ours) is not None and obj.get(openai) is not None and obj[ours] != obj[openai]:
-        raise RequestError(f"{ours} and {openai} are the same setting; give one", openai)
-    name = ours if obj.get(ours) is not None else openai
-    return _float(obj, name, 0.0, -MAX_PENALTY, MAX_PENALTY)
-
-
-def _top_k(obj: Mapping) -> int:
+def _top_k(obj: Mapping, name: str, spec: Spec, default: int, limits: ServiceConstants) -> int:
     """0 = off; -1 (off, as OpenAI-style clients send) and values past the dictionary too."""
-    k = _int(obj, "top_k", 0, -1, MAX_INT)
+    k = _int(obj, name, default, *spec.bounds(limits))
     return k if 0 < k <= DICT_SIZE else 0
 
 
-def _temperature(obj: Mapping) -> float:
-    t = _float(obj, "temperature", 1.0, 0.0, MAX_TEMPERATURE)
+def _temperature(obj: Mapping, name: str, spec: Spec, default: float,
+                 limits: ServiceConstants) -> float:
+    t = _float(obj, name, default, *spec.bounds(limits))
     if 0 < t < MIN_TEMPERATURE:
         raise RequestError(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got "
-                           f"{t}: smaller ones overflow the scaled logits", "temperature")
+                           f"{t}: smaller ones overflow the scaled logits", name)
     return t
+
+
+def _best_of(obj: Mapping, name: str, spec: Spec, default: int, limits: ServiceConstants,
+             n: int = 1) -> int:
+    return _int(obj, name, n, *spec.bounds(limits))  # default: n
+
+
+def _stop_option(obj: Mapping, name: str, spec: Spec, default, limits: ServiceConstants):
+    return _stop(obj, limits)
+
+
+# Options whose reading is more than a bounded number: by field name.
+_CUSTOM = {"stop": _stop_option, "temperature": _temperature, "top_k": _top_k,
+           "best_of": _best_of}
+
+
+def parse_options(obj: Mapping, limits: ServiceConstants = DEFAULTS,
+                  cls: type = SamplingParams) -> SamplingParams:
+    """The options of a request body, read field by field from ``cls``'s table."""
+    values: dict[str, Any] = {}
+    for name, spec, default in specs(cls):
+        if spec.default_from is not None:
+            default = getattr(limits, spec.default_from)
+        if spec.alias is not None:
+            values[name] = _penalty(obj, name, spec, default, limits)
+        elif spec.kind == "int":
+            values[name] = _int(obj, name, default, *spec.bounds(limits))
+        elif spec.kind == "float":
+            values[name] = _float(obj, name, default, *spec.bounds(limits))
+        elif spec.kind == "bool":
+            values[name] = _bool(obj, name)
+        elif name == "best_of":
+            values[name] = _best_of(obj, name, spec, default, limits, n=values.get("n", 1))
+        else:
+            values[name] = _CUSTOM[name](obj, name, spec, default, limits)
+    if values["best_of"] < values["n"]:
+        raise RequestError(f"best_of ({values['best_of']}) must be at least n "
+                           f"({values['n']})", "best_of")
+    # ParlAI may ask min_tokens 1 with max_tokens 0 (scoring): max_tokens wins.
+    values["min_tokens"] = min(values["min_tokens"], values["max_tokens"])
+    return cls(**values)
 
 
 # -- parsing -----------------------------------------------------------------------------------
 
-def parse_request(obj: Any, limits: ServiceConstants = DEFAULTS) -> CompletionRequest:
+def _stream_usage(obj: Mapping, stream: bool) -> bool:
+    """OpenAI's ``stream_options: {"include_usage": true}``: a last chunk with the usage."""
+    v = obj.get("stream_options")
+    if v is None:
+        return False
+    if not stream:
+        raise RequestError("stream_options is only allowed with stream: true",
+                           "stream_options")
+    if not isinstance(v, dict) or set(v) - {"include_usage"}:
+        raise RequestError('stream_options must be an object like {"include_usage": true}',
+                           "stream_options")
+    return _bool(v, "include_usage")
+
+
+def parse_request(obj: Any, limits: ServiceConstants = DEFAULTS,
+                  cls: type = SamplingParams) -> CompletionRequest:
     if not isinstance(obj, dict):
         raise RequestError("the request body must be a JSON object")
     for name in UNSUPPORTED:
         if obj.get(name):
             raise RequestError(f"{name} is not supported by this server", name)
     prompts = _prompts(obj)
-    max_tokens = _int(obj, "max_tokens", limits.default_max_tokens, 0, limits.max_seq_len - 2)
-    n = _int(obj, "n", 1, 1, limits.max_beam)
-    best_of = _int(obj, "best_of", n, 1, limits.max_beam)
-    if best_of < n:
-        raise RequestError(f"best_of ({best_of}) must be at least n ({n})", "best_of")
-    if len(prompts) * best_of > limits.max_sequences:
-        raise RequestError(f"{len(prompts)} prompts x best_of {best_of} is more than "
+    sampling = parse_options(obj, limits, cls)
+    if len(prompts) * sampling.best_of > limits.max_sequences:
+        raise RequestError(f"{len(prompts)} prompts x best_of {sampling.best_of} is more than "
                            f"{limits.max_sequences} sequences", "prompt")
     stream = _bool(obj, "stream")
-    if stream and best_of > n:
+    if stream and sampling.best_of > sampling.n:
         raise RequestError("best_of > n cannot be streamed: the best are known at the end",
                            "best_of")
-    sampling = SamplingParams(
-        max_tokens=max_tokens, n=n, best_of=best_of,
-        # ParlAI may ask min_tokens 1 with max_tokens 0 (scoring): max_tokens wins.
-        min_tokens=min(_int(obj, "min_tokens", 0, 0), max_tokens),
-        stop=_stop(obj, limits),
-        logprobs=_int(obj, "logprobs", None, 0, limits.max_logprobs), echo=_bool(obj, "echo"),
-        seed=_int(obj, "seed", None, -MAX_INT, 2**64 - 1),
-        temperature=_temperature(obj),
-        top_p=_float(obj, "top_p", 1.0, -MAX_PENALTY, 1.0),
-        # top_k past the dictionary keeps every token, as top_k 0 does.
-        top_k=_top_k(obj),
-        lambda_decay=_float(obj, "lambda_decay", -1.0, -MAX_PENALTY, 1.0),
-        omega_bound=_float(obj, "omega_bound", 0.3, 0.0, 1.0),
-        alpha_presence=_penalty(obj, "alpha_presence", "presence_penalty"),
-        alpha_frequency=_penalty(obj, "alpha_frequency", "frequency_penalty"),
-        alpha_presence_src=_float(obj, "alpha_presence_src", 0.0, -MAX_PENALTY, MAX_PENALTY),
-        alpha_frequency_src=_float(obj, "alpha_frequency_src", 0.0, -MAX_PENALTY, MAX_PENALTY),
-        alpha_src_penalty_end_idx=_int(obj, "alpha_src_penalty_end_idx", -1, -MAX_INT, MAX_INT),
-        repetition_penalty=_float(obj, "repetition_penalty", 1.0, MIN_TEMPERATURE, MAX_PENALTY))
+    known = known_fields(cls)
     return CompletionRequest(
-        prompts=prompts, sampling=sampling, stream=stream, model=_str(obj, "model"),
-        user=_str(obj, "user"), ignored=tuple(sorted(k for k in obj if k not in KNOWN)))
+        prompts=prompts, sampling=sampling, stream=stream,
+        include_usage=_stream_usage(obj, stream), model=_str(obj, "model"),
+        user=_str(obj, "user"), ignored=tuple(sorted(k for k in obj if k not in known)))
 
 
 def _no_constant(name: str):
     raise RequestError(f"the request body is not valid JSON: {name} is not a number")
 
 
-def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> CompletionRequest:
+class HugeInt(int):
+    """An integer literal too long to convert (Python refuses past 4300 digits): it stands in
+    as 10**100 with its sign, past every bound, so the field's own check names the field and
+    its range; it prints as 'a 5000-digit integer'."""
+
+    digits: int
+
+    def __new__(cls, literal: str):
+        self = super().__new__(cls, -10**100 if literal.startswith("-") else 10**100)
+        self.digits = len(literal.lstrip("-"))
+        return self
+
+    def __str__(self) -> str:
+        return f"a {self.digits}-digit integer"
+
+    __repr__ = __str__
+
+    def __format__(self, spec: str) -> str:
+        return str(self)
+
+
+def _parse_int(literal: str) -> int:
+    return HugeInt(literal) if len(literal) > 100 else int(literal)
+
+
+def parse_body(raw: bytes, limits: ServiceConstants = DEFAULTS,
+               cls: type = SamplingParams) -> CompletionRequest:
     """From the raw HTTP body: size, UTF-8 and JSON are checked here too."""
-    return parse_request(load_body(raw, limits), limits)
+    return parse_request(load_body(raw, limits), limits, cls)
 
 
 def load_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> Any:
@@ -338,13 +356,23 @@ def load_body(raw: bytes, limits: ServiceConstants = DEFAULTS) -> Any:
     except UnicodeDecodeError as e:
         raise RequestError(f"the request body is not valid UTF-8 (byte {e.start})") from None
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        try:
+            return json.loads(text, parse_constant=_no_constant)
+        except ValueError as e:
+            if isinstance(e, (json.JSONDecodeError, RequestError)) or \
+                    "integer string" not in str(e):
+                raise
+        # Past Python's 4300-digit conversion limit: again, with such literals kept as
+        # HugeInt (a hook on every integer only for these bodies: it is slower).
+        return json.loads(text, parse_constant=_no_constant, parse_int=_parse_int)
+    except RequestError:
+        raise
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("the request body is nested too deeply") from None
-    except ValueError as e:  # e.g. an integer past Python's 4300-digit conversion limit
-        raise RequestError(f"the request body cannot be read: {e}") from None
+    except ValueError:  # nothing of the interpreter's advice goes into an answer
+        raise RequestError("the request body cannot be read as JSON numbers") from None
 
 
 def parse_tokenize(obj: Any) -> tuple[str, ...] | str:

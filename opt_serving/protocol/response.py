@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from .request import CompletionRequest, error_body
+from .results import TopK
 
 SSE_DONE = b"data: [DONE]\n\n"
 
@@ -72,9 +73,6 @@ class ChoiceResult:
     prompt_tokens: int
     completion_tokens: int
     truncated_prompt_tokens: int = 0  # dropped from the left to fit max_tokens
-
-
-TopK = Sequence[tuple[int, float]]  # (id, log-prob) pairs, best first
 
 
 def top_json(tok, pairs: TopK) -> dict[str, float]:
@@ -190,7 +188,10 @@ def sse(obj: dict) -> bytes:
 
 
 def stream_chunk(*, request_id: str, model: str, created: int, index: int, text: str,
-                 finish_reason: str | None = None, logprobs: dict | None = None) -> bytes:
-    """One server-sent event of a streamed completion; the stream ends with SSE_DONE."""
+                 finish_reason: str | None = None, logprobs: dict | None = None,
+                 with_usage: bool = False) -> bytes:
+    """One server-sent event of a streamed completion; the stream ends with SSE_DONE.
+    ``with_usage``: a ``"usage": null`` field, as OpenAI sends before the usage chunk."""
     choice = {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
-    return sse({**_envelope(request_id, model, created), "choices": [choice]})
+    body = {**_envelope(request_id, model, created), "choices": [choice]}
+    return sse({**body, "usage": None} if with_usage else body)

@@ -9,6 +9,7 @@ import sys
 import textwrap
 
 from constants import DEFAULTS, from_module
+from opt_serving.runtime.sizing import CPU_SEQUENCES
 
 EXIT_BAD_INPUT = 2
 
@@ -21,14 +22,18 @@ GPU each when CUDA is there, CPU otherwise), loads each rank's part only, and se
 rank 0. Under torchrun or srun (e.g. BB3-175B at MP16 on 2 nodes x 8 GPUs) run the same command
 on every process: ranks come from the environment.
 
-Routes: POST /completions (and /v1/engines/<e>/completions, /v2/engines/<e>/completions,
-/engines/<e>/completions), POST /v1/completions (OpenAI, stream: true as server-sent events),
-GET /v1/models, /healthz, /readyz (503 unless every rank is alive), /metrics (Prometheus).
+Routes:
+{routes}
 
-Tokenizer files (gpt2-vocab.json, gpt2-merges.txt) are taken from the checkpoint folder, else
---assets DIR, else the toolkit's assets folder (`opt-assets fetch`). Continuous batching: the KV
-cache holds --kv-tokens positions per rank (on a GPU: sized from free memory, as
-`opt-capacity` computes it; on CPU: MAX_BATCH_TOKENS), cut into rows of --max-seq-len; a
+Tokenizer files (gpt2-vocab.json, gpt2-merges.txt) are taken from --assets DIR when given, else
+the checkpoint folder, else the toolkit's assets folder (`opt-assets fetch`).
+
+Continuous batching over a paged KV cache: --kv-tokens positions per rank (on a GPU sized from
+free memory, as `opt-capacity` computes it; on a CPU a quarter of the available RAM, at most
+{cpu_seqs} x --max-seq-len), cut into blocks of --kv-block-size positions; a sequence holds
+blocks for the tokens it has. Each step decodes every running sequence and prefills prompt
+chunks of up to --max-batch-tokens tokens. A sequence holds at most --max-seq-len positions (the
+start-up log says the effective limit; a --max-seq-len the cache cannot hold is refused). A
 request waits for room, and beyond --max-queued-requests waiting requests the answer is 429."""
 
 EPILOG = """\
@@ -36,14 +41,18 @@ examples:
   opt-serve --checkpoint-folder /data/bb3_30b/mp8
   opt-serve --checkpoint-folder /data/bb3_30b/mp8/reshard.pt --host 0.0.0.0 --api-key "$KEY"
   torchrun --nnodes 2 --nproc-per-node 8 ... -m opt_serving.server.cli --checkpoint-folder DIR
-  opt-serve --checkpoint-folder demo/ --device cpu --kv-tokens 8192 --max-seq-len 512
+  opt-serve --checkpoint-folder demo-out/bb3-tiny/mp2 --device cpu --kv-tokens 8192 \\
+      --max-seq-len 512 --demo-tokenizer       # the model `opt-demo` made
 
 exit status: 0 after SIGINT / SIGTERM, 2 for bad input at start, 3 when a rank dies or the
 engine fails while serving (the server answers 503 and exits instead of hanging)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="opt-serve", description=DESCRIPTION, epilog=EPILOG,
+    from .routes import routes_help
+
+    description = DESCRIPTION.format(routes=routes_help(), cpu_seqs=CPU_SEQUENCES)
+    p = argparse.ArgumentParser(prog="opt-serve", description=description, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint-folder", metavar="DIR",
                    help="folder (or <folder>/reshard.pt, or one file) of the checkpoint; "
@@ -53,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULTS.default_port}; 0 "
                    "picks a free one, printed in the start-up line)")
     p.add_argument("--assets", metavar="DIR", help="folder with gpt2-vocab.json and "
-                   "gpt2-merges.txt")
+                   "gpt2-merges.txt; it wins over files beside the checkpoint (default: the "
+                   "checkpoint folder, else the toolkit's assets folder)")
     p.add_argument("--constants", metavar="MODULE", help="a metaseq-style constants module "
                    "(a .py path or a dotted name): MAX_SEQ_LEN, MAX_BATCH_TOKENS, DEFAULT_PORT, "
                    "MAX_BEAM, BATCH_SIZE, CHECKPOINT_FOLDER; flags win over it")
@@ -71,13 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "request's headers and body within S seconds of its first byte or it is "
                    f"disconnected (default {DEFAULTS.client_read_timeout_s:g})")
     p.add_argument("--kv-tokens", type=int, metavar="N", help="KV-cache positions per rank "
-                   "(paged: a sequence holds blocks for the tokens it has)")
+                   "(paged: a sequence holds blocks for the tokens it has; default: from free "
+                   "GPU memory, on a CPU a quarter of the available RAM, at most "
+                   f"{CPU_SEQUENCES} x --max-seq-len and at least --max-batch-tokens); refused "
+                   "at start when the device cannot hold it")
     p.add_argument("--kv-block-size", type=int, metavar="N", help="positions per KV-cache "
                    f"block (default {DEFAULTS.kv_block_size})")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not share cached KV "
                    "blocks between prompts that start the same way")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="positions per sequence, "
-                   f"prompt included (default {DEFAULTS.max_seq_len})")
+                   f"prompt included (default {DEFAULTS.max_seq_len}, or the model's positions "
+                   "when fewer); refused when the KV cache cannot hold one such sequence")
     p.add_argument("--max-batch-tokens", type=int, metavar="N", help="prompt tokens one step "
                    f"may prefill (default {DEFAULTS.max_batch_tokens})")
     p.add_argument("--max-batch-size", type=int, metavar="N",
@@ -99,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "workers: {rank: pid}, world_size, model} to PATH (for supervisors and tests)")
     p.add_argument("--demo-tokenizer", action="store_true", help="when no tokenizer files are "
                    "found, use a byte-level stand-in (only for random demo models)")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="what goes to stderr (default INFO)")
     return p
 
 
@@ -111,7 +126,7 @@ def _paragraph(message: str) -> str:
 
 def options_from_args(args: argparse.Namespace):
     """Flags over a --constants module over metaseq's defaults."""
-    from .serve import ServeOptions, StartupError
+    from opt_serving.runtime.startup import ServeOptions, StartupError
 
     constants = from_module(args.constants) if args.constants else DEFAULTS
     overrides = {k: v for k, v in {
@@ -135,12 +150,14 @@ def options_from_args(args: argparse.Namespace):
         kv_tokens=args.kv_tokens, device=args.device, dtype=args.dtype,
         demo_tokenizer=args.demo_tokenizer, mp=args.mp, prefix_caching=not args.no_prefix_cache,
         **({} if args.threads is None else {"threads": args.threads}),
-        model_name=args.model_name, ready_file=args.ready_file)
+        model_name=args.model_name, ready_file=args.ready_file,
+        seq_len_given=constants.max_seq_len != DEFAULTS.max_seq_len or args.max_seq_len is not None)
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from .serve import StartupError, serve
+    from opt_serving.runtime.startup import StartupError
+    from .serve import serve
 
     try:
         options = options_from_args(args)

@@ -69,7 +69,8 @@ class Metrics:
         self.errors = Counter("opt_serve_errors", "Errors answered, by kind", ["kind"],
                               registry=self.registry)
         self.http = Counter("opt_serve_http_requests", "Every HTTP answer by route and status "
-                            "(requests refused before routing count as route 'unparsed')",
+                            "(no route for the path or method: route 'unmatched'; refused "
+                            "before routing, e.g. a bad header: 'unparsed')",
                             ["route", "status"], registry=self.registry)
         self.streams = Counter("opt_serve_streams_ended", "Streamed completions by how they "
                                "ended", ["outcome"], registry=self.registry)

@@ -16,10 +16,33 @@ import datetime
 import torch
 import torch.distributed as dist
 
-from opt_serving.decoding.work import OP_STEP, ModelRunner, StepWork
+from opt_serving.decoding.work import StepWork
 
-OP_PING, OP_SHUTDOWN = 2, 3
+from .runner import ModelRunner
+
+OP_STEP, OP_PING, OP_SHUTDOWN = 1, 2, 3
 HEADER_LEN = 5
+
+
+def step_header(work: StepWork) -> torch.Tensor:
+    """(op, N packed tokens, B sequences, M table width, S selected rows)."""
+    b, m = work.tables.shape
+    return torch.tensor([OP_STEP, work.tokens.shape[0], b, m, work.select.shape[0]],
+                        dtype=torch.long)
+
+
+def step_payload(work: StepWork) -> torch.Tensor:
+    return torch.cat([x.reshape(-1) for x in (
+        work.tokens, work.starts, work.lengths, work.tables, work.select)])
+
+
+def payload_len(n: int, b: int, m: int, s: int) -> int:
+    return n + 2 * b + b * m + s
+
+
+def step_from_payload(n: int, b: int, m: int, s: int, flat: torch.Tensor) -> StepWork:
+    tokens, starts, lengths, tables, select = flat.split([n, b, b, b * m, s])
+    return StepWork(tokens, starts, lengths, tables.view(b, m), select)
 
 
 class Control:
@@ -43,8 +66,8 @@ class Control:
     def send_step(self, work: StepWork) -> None:
         if self.group is None:
             return
-        dist.broadcast(work.header(), src=0, group=self.group)
-        dist.broadcast(work.payload(), src=0, group=self.group)
+        dist.broadcast(step_header(work), src=0, group=self.group)
+        dist.broadcast(step_payload(work), src=0, group=self.group)
 
     def ping(self) -> None:
         """A round trip: raises (or times out) when a rank is gone."""
@@ -78,9 +101,9 @@ class Control:
             return op, None
         if op != OP_STEP:
             return op, None
-        flat = torch.empty(StepWork.payload_len(n, b, m, s), dtype=torch.long)
+        flat = torch.empty(payload_len(n, b, m, s), dtype=torch.long)
         dist.broadcast(flat, src=0, group=self.group)
-        return op, StepWork.from_payload(n, b, m, s, flat)
+        return op, step_from_payload(n, b, m, s, flat)
 
 
 def worker_loop(runner: ModelRunner, control: Control) -> None:

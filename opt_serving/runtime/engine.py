@@ -4,7 +4,8 @@ HTTP threads call ``submit`` (which returns a ``RequestHandle`` once the loop ha
 request, or raises QueueFull / RequestError) and ``cancel``; everything else happens on the
 loop thread, so the scheduler needs no lock. Each iteration: take new requests and
 cancellations, expire requests past their deadline, then one ``decoding.step`` (plan, send the
-step's work to the other ranks, forward, sample, stop) whose events go to the handles.
+step's work to the other ranks, forward, sample, stop) whose events go to the handles, found
+by the sequences' request group.
 
 Failures: with one rank, an exception while running a batch fails only the requests in that
 batch (503 for out-of-memory, else 500) and the loop goes on. With several ranks a failed
@@ -26,14 +27,37 @@ import torch
 
 from opt_serving.decoding.scheduler import Scheduler
 from opt_serving.decoding.step import Event, StepFailed, Stepper
-from opt_serving.decoding.work import ModelRunner, StepWork
+from opt_serving.decoding.work import StepWork
 from opt_serving.protocol import CompletionRequest, EngineError, timeout_error
 from opt_serving.tokenizer import TextTokenizer
 
 from .handles import RequestHandle
 from .ranks import Control
+from .runner import ModelRunner
 
 log = logging.getLogger("opt_serve.engine")
+
+
+@dataclass(frozen=True)
+class Submit:
+    """Inbox message: queue this request."""
+
+    handle: RequestHandle
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Inbox message: the client is gone; free the request's cache."""
+
+    handle: RequestHandle
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Inbox message: look at the stop flag now (shutdown)."""
+
+
+Message = Submit | Cancel | Wake
 
 
 @dataclass
@@ -69,7 +93,7 @@ class Engine:
         self.stats = EngineStats()
         self.failure: str | None = None  # set once: the engine serves nothing after it
         self.busy_since: float | None = None  # when the current collective began (watchdog)
-        self._inbox: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue[Message] = queue.Queue()
         self._handles: dict[int, RequestHandle] = {}  # scheduler group -> request
         self._stop = threading.Event()
         self._last_ping = clock()
@@ -115,7 +139,7 @@ class Engine:
         stop_ids = self.tokenizer.single_token_ids(stop) if stop else ()
         handle = RequestHandle(request, prompt_ids, stop_ids, self.request_timeout_s,
                                clock=self.clock)
-        self._inbox.put(("submit", handle))
+        self._inbox.put(Submit(handle))
         if not self.ready:  # failed after the check above: fail() may have drained already
             reason = self.failure or "stopping"
             handle.fail(EngineError(503, f"the server is not ready: {reason}", code="not_ready"))
@@ -125,7 +149,7 @@ class Engine:
     def cancel(self, handle: RequestHandle) -> None:
         """The client is gone: free the request's KV cache (no-op when it already finished)."""
         if not handle.done:
-            self._inbox.put(("cancel", handle))
+            self._inbox.put(Cancel(handle))
 
     def fail(self, reason: str, expected: bool = False) -> None:
         """Fatal: not ready from now on, and every pending request gets a 503. Safe to call
@@ -140,16 +164,16 @@ class Engine:
             handle.fail(error)
         while True:
             try:
-                kind, handle = self._inbox.get_nowait()
+                message = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            if handle is not None:
-                handle.fail(error)
+            if not isinstance(message, Wake):
+                message.handle.fail(error)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; it tells the worker ranks to exit."""
         self._stop.set()
-        self._inbox.put(("wake", None))
+        self._inbox.put(Wake())
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
 
@@ -181,11 +205,10 @@ class Engine:
                 self._last_ping = self.clock()
             return
         while True:
-            kind, handle = item
-            if kind == "submit":
-                self._accept(handle)
-            elif kind == "cancel":
-                self._drop(handle, None)
+            if isinstance(item, Submit):
+                self._accept(item.handle)
+            elif isinstance(item, Cancel):
+                self._drop(item.handle, None)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
@@ -201,7 +224,7 @@ class Engine:
     def _accept(self, handle: RequestHandle) -> None:
         req = handle.request
         try:
-            seqs = self.scheduler.submit(handle.prompt_ids, req.sampling, owner=handle,
+            seqs = self.scheduler.submit(handle.prompt_ids, req.sampling,
                                          stop_ids=handle.stop_ids, stream=req.stream)
         except Exception as e:  # QueueFull -> 429, RequestError -> 400
             handle.reject(e)
@@ -248,15 +271,17 @@ class Engine:
             return
         now = self.clock()
         for row in plan.rows:  # time to first token, for /metrics
-            handle = row.seq.owner
-            if row.seq.generated and handle.first_token_at is None:
+            handle = self._handles.get(row.seq.group)
+            if handle is not None and row.seq.generated and handle.first_token_at is None:
                 handle.first_token_at = now
         self._update_stats()  # before the clients hear of it: /metrics is never behind
         for event in events:
             self._route(event)
 
     def _route(self, event: Event) -> None:
-        handle = event.seq.owner
+        handle = self._handles.get(event.seq.group)
+        if handle is None:  # its request failed earlier in this step's events
+            return
         if event.error is not None:
             self._drop(handle, event.error)
             return
@@ -293,5 +318,6 @@ class Engine:
             error = EngineError(500, f"generation failed: {type(exc).__name__}: {exc}",
                                 code="generation_failed")
         self.stats.batches_failed += 1
-        for handle in {id(row.seq.owner): row.seq.owner for row in plan.rows}.values():
-            self._drop(handle, error)
+        for group in dict.fromkeys(row.seq.group for row in plan.rows):
+            if group in self._handles:
+                self._drop(self._handles[group], error)

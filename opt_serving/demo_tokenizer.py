@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Sequence
 
 from opt_serving.config import DICT_SIZE
-from opt_serving.tokenizer import normalize
+from opt_serving.tokenizer import ByteDecoding, normalize
 
 OFFSET = 4  # <s> <pad> </s> <unk>
 SPECIAL_BYTES = (b"<s>", b"<pad>", b"</s>", b"<unk>")
 
 
-class ByteTokenizer:
+class ByteTokenizer(ByteDecoding):
     """An ``opt_serving.tokenizer.TextTokenizer``."""
 
     @property
@@ -37,12 +37,3 @@ class ByteTokenizer:
             return SPECIAL_BYTES[token_id]
         # Ids past the 256 bytes mean nothing here: a random model produces them anyway.
         return bytes([token_id - OFFSET]) if token_id < OFFSET + 256 else b""
-
-    def decode_token(self, token_id: int) -> str:
-        return self.token_bytes(token_id).decode("utf-8", errors="replace")
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
-
-    def single_token_ids(self, texts: Sequence[str]) -> tuple[int, ...]:
-        return tuple(sorted({ids[0] for ids in self.encode_batch(list(texts)) if len(ids) == 1}))

@@ -1,9 +1,10 @@
-"""What the engine keeps per sequence and per request, and how an HTTP thread waits for it.
+"""One request between a caller's thread and the engine loop, and how the caller waits.
 
-An HTTP thread parses and tokenises a request, hands a ``RequestHandle`` to the engine loop and
-blocks on the handle: the loop accepts or rejects it (429 / 400), then posts streaming deltas
-and finally the per-sequence results or an ``EngineError``. Turning results into response
-choices (ranking best_of copies, decoding text) happens back in the HTTP thread, off the loop.
+A caller (an HTTP thread, or ``LLM.generate``) parses and tokenises a request, hands a
+``RequestHandle`` to the engine loop and blocks on the handle: the loop accepts or rejects it
+(429 / 400), then posts streaming deltas and finally the per-sequence results or an
+``EngineError``. Turning results into answers (``protocol.Renderer``) happens back on the
+caller's thread, off the loop.
 """
 
 from __future__ import annotations
@@ -13,9 +14,8 @@ import threading
 import time
 from typing import Callable, Iterator, Sequence
 
-from opt_serving.decoding.sampling import pick_best
-from opt_serving.decoding.sequence import Delta, SeqResult
-from opt_serving.protocol import (ChoiceResult, CompletionRequest, EngineError, build_choice,
+from opt_serving.decoding.sequence import Seq
+from opt_serving.protocol import (CompletionRequest, Delta, EngineError, SeqResult,
                                   new_request_id, timeout_error)
 
 
@@ -39,7 +39,7 @@ class RequestHandle:
         self.submitted = clock()
         self.deadline = self.submitted + timeout_s
         self.first_token_at: float | None = None
-        self.seqs: tuple = ()  # the scheduler's Seq objects, once accepted
+        self.seqs: tuple[Seq, ...] = ()  # the scheduler's, once accepted
         self.results: list[SeqResult | None] = []
         self.done = False  # set by the loop: finished, failed or cancelled
         self._accepted = threading.Event()
@@ -48,7 +48,7 @@ class RequestHandle:
 
     # -- engine side (the loop thread) -------------------------------------------------------
 
-    def accept(self, seqs: tuple) -> None:
+    def accept(self, seqs: tuple[Seq, ...]) -> None:
         self.seqs = seqs
         self.results = [None] * len(seqs)
         self._accepted.set()
@@ -114,32 +114,3 @@ class RequestHandle:
     def truncated_tokens(self) -> int:
         best_of = self.request.sampling.best_of
         return sum(s.truncated for s in self.seqs[::best_of]) if self.seqs else 0
-
-
-def chosen(request: CompletionRequest, results: Sequence[SeqResult]) -> list[SeqResult]:
-    """The n results returned per prompt, in prompt order: the best of best_of copies by
-    total log-prob (copy order when best_of == n, so that indices match a stream's)."""
-    options = request.sampling
-    by_prompt: dict[int, list[SeqResult]] = {}
-    for r in results:
-        by_prompt.setdefault(r.prompt_index, []).append(r)
-    out = []
-    for p in sorted(by_prompt):
-        copies = sorted(by_prompt[p], key=lambda r: r.copy)
-        order = (range(len(copies)) if options.best_of == options.n
-                 else pick_best([c.total_logprob for c in copies], options.n))
-        out += [copies[i] for i in order]
-    return out
-
-
-def choice(tok, request: CompletionRequest, r: SeqResult) -> ChoiceResult:
-    return build_choice(
-        tok, prompt=r.prompt, generated=r.generated, echo=request.sampling.echo,
-        prompt_logprobs=r.prompt_logprobs, generated_logprobs=r.logprobs,
-        prompt_top=r.prompt_tops, generated_top=r.tops, finish_reason=r.finish_reason,
-        prompt_index=r.prompt_index, truncated=r.truncated, text_bytes=r.text_bytes)
-
-
-def choices_for(tok, request: CompletionRequest,
-                results: Sequence[SeqResult]) -> list[ChoiceResult]:
-    return [choice(tok, request, r) for r in chosen(request, results)]

@@ -1,0 +1,31 @@
+"""One rank's model and KV cache, and the forward it runs for each step.
+
+The model runner owns the device and the cache (nano-vllm's ``model_runner``): nothing above
+it knows how a step's tensors reach the model, so a graph runner can wrap ``run`` without the
+engine or the step noticing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from opt_serving.decoding.work import StepWork
+from opt_serving.model import AttentionRows, KVCache, OPTModel
+
+
+class ModelRunner:
+    """One rank's model and KV cache; runs a StepWork as one packed forward."""
+
+    def __init__(self, model: OPTModel, cache: KVCache, device: torch.device):
+        self.model, self.cache, self.device = model, cache, device
+
+    @torch.inference_mode()
+    def run(self, work: StepWork) -> torch.Tensor:
+        """Logits (S, V) at the selected rows, on the device."""
+        dev = self.device
+        starts, lengths = work.starts.tolist(), work.lengths.tolist()
+        rows = AttentionRows.build(starts, lengths, work.tables.tolist(),
+                                   self.cache.block_size, dev)
+        positions = torch.cat([torch.arange(s, s + n) for s, n in zip(starts, lengths)])
+        return self.model.step(work.tokens.to(dev), positions.to(dev), self.cache, rows,
+                               work.select.to(dev))
