@@ -14,6 +14,7 @@ from opt_serving.checkpoint import torch_file
 from opt_serving.checkpoint.assemble import saved_layout
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.formats import PART_RE, Part, discover, dtype_name, model_config
+from opt_serving.capacity.planner import DTYPES as DTYPE_SIZES
 from opt_serving.config import closest_preset, same_shape
 from opt_serving.split_rules import is_buffer
 
@@ -144,7 +145,7 @@ def _count(n: int) -> str:
 
 def format_report(r: dict) -> str:
     c = r["config"]
-    itemsize = {"fp16": 2, "bf16": 2, "fp32": 4}.get(r["dtype"], 2)
+    itemsize = DTYPE_SIZES[r["dtype"]].weight_bytes if r["dtype"] in DTYPE_SIZES else 2
     preset = (f"{r['closest_preset']} (exact)" if r["exact_preset"]
               else f"custom, closest preset {r['closest_preset']}")
     kind = r["kind"]

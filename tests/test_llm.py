@@ -53,3 +53,85 @@ def test_llm_gives_the_servers_answer(serve_checkpoints, server):
         assert list(o.choice.token_logprobs) == pytest.approx(c["logprobs"]["token_logprobs"],
                                                               abs=1e-5)
     assert [o.finish_reason for o in outs] == [c["finish_reason"] for c in served]
+
+
+@pytest.fixture(scope="module")
+def llm(serve_checkpoints):
+    with LLM(str(serve_checkpoints[1]), device="cpu", dtype="fp32", kv_tokens=4096,
+             max_seq_len=512, assets=str(ASSETS)) as llm:
+        yield llm
+
+
+@pytest.mark.parametrize("typo, nearest", [("max_tokenz", "max_tokens"),
+                                           ("temprature", "temperature"),
+                                           ("presence_penalti", "presence_penalty")])
+def test_a_misspelt_option_is_a_type_error_naming_the_nearest(llm, typo, nearest):
+    with pytest.raises(TypeError) as err:
+        llm.generate("Hello", **{typo: 0})
+    assert typo in str(err.value) and f"did you mean {nearest}?" in str(err.value)
+
+
+@pytest.mark.parametrize("prompts", [None, 5, {"a": 1}, [], [[]], ["ok", None], [1.5],
+                                     [True, 2], b"bytes"])
+def test_a_prompt_of_the_wrong_type_says_what_a_prompt_may_be(llm, prompts):
+    with pytest.raises(TypeError, match="a string, a list of token ids"):
+        llm.generate(prompts, max_tokens=1)
+
+
+def test_mixed_prompts_and_every_option_still_work(llm):
+    outs = llm.generate(["Hi", (5, 6, 7)], max_tokens=3, min_tokens=3, temperature=0,
+                        presence_penalty=0.5, repetition_penalty=1.2)
+    assert [len(o.token_ids) for o in outs] == [3, 3]
+    assert llm.limits.max_seq_len == 512
+
+
+def test_missing_tokenizer_files_are_named_as_python_arguments(tmp_path, serve_checkpoints,
+                                                               monkeypatch):
+    import opt_serving.tokenizer as tk
+    from opt_serving.runtime.startup import StartupError
+
+    monkeypatch.setattr(tk, "default_assets_dir", lambda: tmp_path / "own")
+    with pytest.raises(StartupError) as err:
+        LLM(str(serve_checkpoints[1]), device="cpu", assets=str(tmp_path / "none"))
+    msg = str(err.value)
+    assert "opt-assets fetch" in msg and "assets=DIR" in msg and "demo_tokenizer=True" in msg
+    assert "--" not in msg.replace("--mp", "")
+
+
+UNGUARDED = '''
+from opt_serving import LLM
+
+llm = LLM({ckpt!r}, device="cpu", dtype="fp32", kv_tokens=4096, max_seq_len=512,
+          assets={assets!r})
+print(llm.generate("Hello", max_tokens=2, temperature=0)[0].token_ids)
+llm.close()
+'''
+
+
+def test_an_unguarded_script_at_mp2_fails_at_once_showing_the_guard(tmp_path,
+                                                                   serve_checkpoints):
+    """A worker imports the script again; without a __main__ guard it would start workers of
+    its own. It stops, and the parent says why instead of waiting for the rendezvous."""
+    import subprocess
+    import sys
+    import time
+
+    from opt_serving.testing.server_process import child_env
+
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED.format(ckpt=str(serve_checkpoints[2]), assets=str(ASSETS)))
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env=child_env(), cwd=tmp_path, timeout=240)
+    assert r.returncode != 0
+    assert 'if __name__ == "__main__":' in r.stderr
+    assert "worker rank 1" in r.stderr and "re-ran your script" in r.stderr
+    assert "DistStoreError" not in r.stderr
+    assert time.monotonic() - started < 200  # not the 600 s rendezvous timeout
+    guarded = UNGUARDED.replace("\nllm = ", "\nif __name__ == '__main__':\n    llm = ")
+    guarded = guarded.replace("\nprint(", "\n    print(").replace("\nllm.close", "\n    llm.close")
+    guarded = guarded.replace("\n          assets=", "\n              assets=")
+    script.write_text(guarded.format(ckpt=str(serve_checkpoints[2]), assets=str(ASSETS)))
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                       env=child_env(), cwd=tmp_path, timeout=240)
+    assert r.returncode == 0, r.stderr[-2000:]

@@ -159,7 +159,7 @@ def test_port_in_use(capsys, serve_checkpoints):
 def test_missing_assets_need_the_explicit_demo_tokenizer(capsys, tmp_path, serve_checkpoints):
     msg = _start(capsys, "--checkpoint-folder", str(serve_checkpoints[1]), "--assets",
                  str(tmp_path))
-    assert "--demo-tokenizer" in msg and "opt-assets" in msg
+    assert "--demo-tokenizer" in msg and "opt-assets fetch" in msg
     options = ServeOptions(checkpoint=str(serve_checkpoints[1]), constants=__import__(
         "constants").DEFAULTS, host="127.0.0.1", port=0, assets=str(tmp_path),
         demo_tokenizer=True)

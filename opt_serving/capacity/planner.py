@@ -17,7 +17,7 @@ import math
 import types
 from dataclasses import dataclass
 
-from ..config import OPTConfig
+from ..config import DTYPES as TORCH_DTYPES, OPTConfig
 from .gpus import GIB, GPU
 from ..split_rules import is_buffer, rule_for, sharded_shape
 
@@ -48,14 +48,12 @@ class DType:
     act_bytes: int  # everything else: biases, norms, embeddings, activations, the KV cache
 
 
-DTYPES: types.MappingProxyType[str, DType] = types.MappingProxyType({d.name: d for d in (
-    DType("fp32", 4, 4),
-    DType("fp16", 2, 2),
-    DType("bf16", 2, 2),
-    # Weight-only int8 (LLM.int8 / GPTQ style): Linear weights in int8 with an fp16 scale per
-    # output row; embeddings, norms, activations and the KV cache stay fp16.
-    DType("int8", 1, 2),
-)})
+# The serving dtypes by the same names as everywhere (config.DTYPES), their sizes from torch;
+# plus weight-only int8 (LLM.int8 / GPTQ style): Linear weights in int8 with an fp16 scale per
+# output row; embeddings, norms, activations and the KV cache stay fp16.
+DTYPES: types.MappingProxyType[str, DType] = types.MappingProxyType({
+    **{name: DType(name, t.itemsize, t.itemsize) for name, t in TORCH_DTYPES.items()},
+    "int8": DType("int8", 1, 2)})
 
 
 def get_dtype(name: str) -> DType:

@@ -3,10 +3,11 @@
 Rank 0 owns the scheduler; the other ranks own only their part of the model and of the KV
 cache. Before each step rank 0 broadcasts a ``StepWork`` over a gloo control group (CPU
 tensors, also when the model's own group is NCCL) and then every rank runs the same forwards,
-so their collectives line up. A message is a fixed int64 header ``(op, N, B, M, S)`` (see
-``decoding.work.StepWork``) and, for a step, one flat int64 payload. While idle, rank 0 pings: a broadcast plus an all-reduce, i.e.
-a round trip, so a dead rank shows up as an error or a timeout of the control group instead of
-a hang in the next forward.
+so their collectives line up. A message is a fixed int64 header ``(op, N, B, M, S)`` and, for a
+step, one flat int64 payload (``StepWork``'s tensors one after the other); every opcode is
+here. While idle, rank 0 pings: a broadcast plus an all-reduce, i.e. a round trip, so a dead
+rank shows up as an error or a timeout of the control group instead of a hang in the next
+forward.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ CPU_SEQUENCES = 8
 
 
 def dtype_bytes(dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[dtype]).element_size()
+    return DTYPES[dtype].itemsize
 
 
 def cache_bytes(cfg: OPTConfig, tokens: int, world_size: int, dtype: str) -> int:

@@ -131,7 +131,8 @@ def prepare(options: ServeOptions, env: distributed.RankEnv) -> tuple[Plan, obje
         raise StartupError(f"{name('dtype', dtype)}: use one of {', '.join(DTYPES)}")
     if options.kv_tokens:  # sized now, before a process starts or a byte is allocated
         try:
-            CacheLayout.from_tokens(options.kv_tokens, options.constants)
+            layout = CacheLayout.from_tokens(options.kv_tokens, options.constants)
+            effective_limits(options.constants, cfg, layout, options.seq_len_given, name)
             if device == "cpu":  # a GPU's free memory is known once the weights are in
                 check_fits(cfg, options.kv_tokens, world, dtype, torch.device("cpu"), name)
         except TooSmall as e:

@@ -1,5 +1,5 @@
-"""opt-serve: the completions server.
-
-``schema`` (the wire format, parsed once) and ``scheduler`` (the continuous-batching policy)
-need no model; the engine's step function runs the model on each step's plan.
+"""opt-serve's HTTP layer, over the runtime's engine: ``routes`` (one function per route, and
+the table the app and ``--help`` share), ``app`` (wiring, auth, errors as JSON), ``service``
+(what the routes share), ``wsgi`` (waitress, hardened), ``metrics`` (Prometheus), ``serve``
+(start-up through ``runtime.startup``, then HTTP) and ``cli``.
 """
