@@ -71,20 +71,22 @@ class LLM:
     ``mp``: degree to run at (default: the number of parts); ``device`` / ``dtype`` as
     opt-serve's flags; ``kv_tokens``: KV-cache positions per rank; ``max_seq_len``: positions a
     sequence may use; ``assets``: folder of the tokenizer files; ``demo_tokenizer``: a
-    byte-level stand-in when none are found (random demo models only). At ``mp`` > 1 it spawns
+    byte-level stand-in when none are found (random demo models only); ``cuda_graphs``: replay
+    decode steps as CUDA graphs on a GPU (opt-serve's ``--no-cuda-graphs``). At ``mp`` > 1 it spawns
     worker processes, which import the calling script again: create the LLM under
     ``if __name__ == "__main__":``."""
 
     def __init__(self, checkpoint: str, *, mp: int | None = None, device: str | None = None,
                  dtype: str | None = None, kv_tokens: int | None = None,
                  max_seq_len: int | None = None, assets: str | None = None,
-                 demo_tokenizer: bool = False, log_level: str = "WARNING"):
+                 demo_tokenizer: bool = False, cuda_graphs: bool = True,
+                 log_level: str = "WARNING"):
         refuse_unguarded_reentry()
         constants = DEFAULTS if max_seq_len is None else dataclasses.replace(
             DEFAULTS, max_seq_len=max_seq_len)
         options = ServeOptions(checkpoint=str(checkpoint), constants=constants, assets=assets,
                                kv_tokens=kv_tokens, device=device, dtype=dtype,
-                               demo_tokenizer=demo_tokenizer, mp=mp,
+                               demo_tokenizer=demo_tokenizer, mp=mp, cuda_graphs=cuda_graphs,
                                seq_len_given=max_seq_len is not None, naming=python_name)
         env = distributed.rank_env()
         if env.world_size > 1:

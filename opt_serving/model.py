@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .config import POSITION_OFFSET, OPTConfig
 from .kernels import linear_relu, project
@@ -61,41 +62,129 @@ class KVCache:
 @dataclass(frozen=True)
 class AttentionRows:
     """Where each sequence of a packed step reads and writes, worked out once per step for all
-    layers. Sequence b's queries are packed rows spans[b]; its keys are cache rows keys[b]
-    (a slice when its blocks are consecutive: read in place, else an index tensor: gathered,
-    its own length only); mask[b]: (T_b, S_b) bool causal mask, None for one query, "causal"
-    for a chunk from position 0 (T_b == S_b)."""
+    layers. ``write`` (N,): the cache row of each packed token.
+
+    The first ``decode`` packed rows are one-token decode rows attended in one batched call
+    (``attention.paged_decode``, GPU only): their block tables ``tables`` (decode, M) and key
+    counts ``lens`` (decode,) are device tensors. The other sequences are attended one by one
+    (the CPU path for every row): sequence i's queries are packed rows spans[i]; its keys are
+    cache rows keys[i] (a slice when its blocks are consecutive: read in place, else an index
+    tensor: gathered, its own length only); masks[i]: None for one query, "causal" for a chunk
+    from position 0, else a (T_i, S_i) bool mask or, on a GPU, a lower-right causal bias."""
 
     spans: tuple[tuple[int, int], ...]
-    keys: tuple  # slice | LongTensor (S_b,) per sequence
-    masks: tuple  # BoolTensor (T_b, S_b) | "causal" | None per sequence
+    keys: tuple  # slice | LongTensor (S_i,) per sequence
+    masks: tuple  # None | "causal" | BoolTensor (T_i, S_i) | CausalBias per sequence
     write: torch.Tensor  # (N,) cache rows of the packed tokens
+    decode: int = 0
+    tables: torch.Tensor | None = None  # (decode, M) block tables
+    lens: torch.Tensor | None = None  # (decode,) keys per decode row (its position + 1)
+    block_size: int = 0
 
     @classmethod
     def build(cls, starts: list[int], lengths: list[int], tables: list[list[int]],
               block_size: int, device) -> "AttentionRows":
+        """The CPU path: every sequence attended on its own."""
         spans, keys, masks, write = [], [], [], []
         offset = 0
         for start, n, table in zip(starts, lengths, tables):
-            end = start + n  # keys: positions 0 .. end - 1
-            blocks = table[:-(-end // block_size)]
+            key_rows, rows = _sequence_rows(start + n, table, block_size, device)
             spans.append((offset, offset + n))
             offset += n
-            if all(b == blocks[0] + i for i, b in enumerate(blocks)):
-                base = blocks[0] * block_size
-                keys.append(slice(base, base + end))
-                write.append(torch.arange(base + start, base + end))
-            else:
-                rows = (torch.tensor(blocks)[:, None] * block_size
-                        + torch.arange(block_size)).flatten()[:end]
-                keys.append(rows.to(device))
-                write.append(rows[start:end])
+            keys.append(key_rows)
+            write.append(rows[start:])
             # One query sees every key: no mask. A chunk from position 0 is plain causal
             # ("causal", the kernel's own, 2x faster than an explicit mask on a CPU).
+            end = start + n
             masks.append(None if n == 1 else "causal" if start == 0 else (
                 torch.arange(end, device=device)[None, :]
                 <= torch.arange(start, end, device=device)[:, None]))
         return cls(tuple(spans), tuple(keys), tuple(masks), torch.cat(write).to(device))
+
+    @classmethod
+    def build_batched(cls, starts: torch.Tensor, lengths: torch.Tensor, tables: torch.Tensor,
+                      block_size: int, device) -> "AttentionRows":
+        """The GPU path, from a step's CPU tensors (B,), (B,), (B, M): the leading one-token
+        rows go to the batched decode call, the write rows of every token are computed at
+        once, and only prompt chunks are looped over (with a lower-right causal bias, which
+        SDPA's flash kernel takes, when they continue a sequence)."""
+        b = lengths.shape[0]
+        lead = int((lengths == 1).long().cumprod(0).sum()) if b else 0  # leading 1-token rows
+        n = int(lengths.sum())
+        seq, pos = packed_positions(starts, lengths)
+        first = torch.cumsum(lengths, 0) - lengths  # (B,) each sequence's first packed row
+        write = tables[seq, pos // block_size].clamp(min=0) * block_size + pos % block_size
+        spans, keys, masks = [], [], []
+        for i in range(lead, b):
+            start, count = int(starts[i]), int(lengths[i])
+            end = start + count
+            key_rows, _ = _sequence_rows(end, tables[i].tolist(), block_size, device)
+            spans.append((int(first[i]), int(first[i]) + count))
+            keys.append(key_rows)
+            masks.append(None if count == 1 else "causal" if start == 0 else
+                         causal_lower_right(count, end))
+        # One host-to-device copy for what every layer reads.
+        host = torch.cat([write, (starts[:lead] + 1), tables[:lead].clamp(min=0).reshape(-1)])
+        dev = host.to(device, non_blocking=True)
+        d_write, d_lens, d_tables = dev.split([n, lead, lead * tables.shape[1]])
+        return cls(tuple(spans), tuple(keys), tuple(masks), d_write, lead,
+                   d_tables.view(lead, tables.shape[1]), d_lens, block_size)
+
+    @classmethod
+    def decoding(cls, positions: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor,
+                 block_size: int) -> "AttentionRows":
+        """Rows that all decode one token, from device tensors alone (no host work and no
+        sync: what a captured graph runs). positions, lens (B,); tables (B, M)."""
+        write = tables.gather(1, (positions // block_size)[:, None])[:, 0] * block_size \
+            + positions % block_size
+        return cls((), (), (), write, tables.shape[0], tables, lens, block_size)
+
+
+def packed_positions(starts: torch.Tensor, lengths: torch.Tensor):
+    """(seq, pos), each (N,): the sequence and the position of every packed token of a step
+    whose B sequences feed ``lengths`` tokens from ``starts`` (both (B,))."""
+    seq = torch.repeat_interleave(torch.arange(lengths.shape[0]), lengths)
+    first = torch.cumsum(lengths, 0) - lengths
+    return seq, torch.arange(int(lengths.sum())) - first[seq] + starts[seq]
+
+
+def _sequence_rows(end: int, table: list[int], block_size: int, device):
+    """Cache rows of a sequence's positions 0 .. end - 1: a slice when its blocks are
+    consecutive (read in place), else an index tensor on ``device``; and the rows as a CPU
+    tensor (for the write index)."""
+    blocks = table[:-(-end // block_size)]
+    if all(b == blocks[0] + i for i, b in enumerate(blocks)):
+        base = blocks[0] * block_size
+        return slice(base, base + end), torch.arange(base, base + end)
+    rows = (torch.tensor(blocks)[:, None] * block_size + torch.arange(block_size)).flatten()
+    return rows[:end].to(device), rows[:end]
+
+
+def attend(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor, rows: AttentionRows,
+           out: torch.Tensor) -> None:
+    """The per-sequence attention of ``rows``' spans (the CPU engine's path, and the reference
+    the GPU kernel is tested against). q, out: (H, N, hd); ck, cv: (H, R, hd), one layer."""
+    for (s, e), keys, mask in zip(rows.spans, rows.keys, rows.masks):
+        if isinstance(keys, slice):
+            kb, vb = ck[:, keys], cv[:, keys]  # (H, S, hd) views of the cache
+        else:
+            kb, vb = ck.index_select(1, keys), cv.index_select(1, keys)
+        # 4-d: on a CPU only then does SDPA take its flash kernel (3x faster than its
+        # math path for one query, measured). Softmax runs in fp32 inside.
+        causal = isinstance(mask, str)
+        out[:, s:e] = F.scaled_dot_product_attention(
+            q[None, :, s:e], kb[None].to(q.dtype), vb[None].to(q.dtype),
+            attn_mask=None if causal else mask, is_causal=causal)[0]
+
+
+def decode_attention(q: torch.Tensor, ck: torch.Tensor, cv: torch.Tensor,
+                     rows: AttentionRows) -> torch.Tensor:
+    """Every decode row at once: q (B, H, hd) -> (B, H, hd). The Triton kernel where it runs,
+    else the same attention with fixed shapes in torch."""
+    from .attention import paged_decode as pd
+
+    fn = pd.paged_decode if pd.available(q.device) else pd.gathered
+    return fn(q, ck, cv, rows.tables, rows.lens, rows.block_size)
 
 
 class SelfAttention(nn.Module):
@@ -126,17 +215,11 @@ class SelfAttention(nn.Module):
             ck.index_copy_(1, rows.write, k.to(ck.dtype))
             cv.index_copy_(1, rows.write, v.to(cv.dtype))
             y = torch.empty_like(q)
-            for (s, e), keys, mask in zip(rows.spans, rows.keys, rows.masks):
-                if isinstance(keys, slice):
-                    kb, vb = ck[:, keys], cv[:, keys]  # (H, S, hd) views of the cache
-                else:
-                    kb, vb = ck.index_select(1, keys), cv.index_select(1, keys)
-                # 4-d: on a CPU only then does SDPA take its flash kernel (3x faster than its
-                # math path for one query, measured). Softmax runs in fp32 inside.
-                causal = isinstance(mask, str)
-                y[:, s:e] = F.scaled_dot_product_attention(
-                    q[None, :, s:e], kb[None].to(q.dtype), vb[None].to(q.dtype),
-                    attn_mask=None if causal else mask, is_causal=causal)[0]
+            if rows.decode:
+                d = rows.decode
+                y[:, :d] = decode_attention(q[:, :d].transpose(0, 1), ck, cv,
+                                            rows).transpose(0, 1)
+            attend(q, ck, cv, rows, y)
             y = y.transpose(0, 1).reshape(n, h * hd)
         return row_parallel(self.out_proj, y, self.comm)
 

@@ -6,11 +6,18 @@ fixtures keep working unchanged.
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from opt_serving.testing import synthetic
-from opt_serving.config import get_preset
+# Triton's interpreter for the GPU kernels' tests (tests/test_gpu_path.py): it must be set
+# before triton is first imported, which torch or transformers may do while the suite is
+# collected. CI has no GPU, so nothing else runs Triton kernels.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from opt_serving.testing import synthetic  # noqa: E402
+from opt_serving.config import get_preset  # noqa: E402
 
 
 @pytest.fixture(scope="session")

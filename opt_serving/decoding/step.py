@@ -185,18 +185,22 @@ def draw(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
         generators=[None if s.options.greedy else s.generator for s in seqs])
     # A NaN or +inf score leaves a NaN in its row of log-probs (all -inf: NaN everywhere):
     # the row's sum shows it, for a twentieth of the cost of isnan().any() over (N, V).
-    broken = torch.isnan(lps.sum(dim=-1)).tolist()  # (N,)
-    chosen = gather_logprobs(lps, tokens).tolist()
+    broken = torch.isnan(lps.sum(dim=-1))  # (N,)
+    chosen = gather_logprobs(lps, tokens)  # (N,)
+    # One copy back for the step: ids, their log-probs and the broken flags (float64 holds
+    # every id and every float32 exactly).
+    packed = torch.stack([tokens.double(), chosen.double(), broken.double()], 1).tolist()
     k = max(s.options.num_logprobs for s in seqs)
     if k:
         values, ids = top_logprobs(lps, k)
         values, ids = values.tolist(), ids.tolist()
     out = {}
-    for j, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
-        if broken[j]:
+    for j, (seq, (token, logprob, bad)) in enumerate(zip(seqs, packed)):
+        token = int(token)
+        if bad:
             out[seq] = ValueError("the model's scores for it are not finite numbers "
                                   "(NaN or infinity)")
             continue
         want = seq.options.num_logprobs
-        out[seq] = (token, chosen[j], list(zip(ids[j], values[j]))[:want] if want else None)
+        out[seq] = (token, logprob, list(zip(ids[j], values[j]))[:want] if want else None)
     return out

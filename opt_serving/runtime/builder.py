@@ -4,9 +4,14 @@ defaults: ``constants.ServiceConstants``)."""
 
 from __future__ import annotations
 
+import torch
+
 from constants import ServiceConstants
 from opt_serving.decoding.scheduler import Scheduler
+from opt_serving.model import KVCache, OPTModel
 
+from .graphs import GraphRunner, default_buckets
+from .runner import ModelRunner
 from .sizing import CacheLayout
 
 
@@ -18,3 +23,24 @@ def build_scheduler(limits: ServiceConstants, layout: CacheLayout, *,
                      max_seqs=limits.max_batch_size, max_queued=limits.max_queued_requests,
                      step_tokens=limits.max_batch_tokens, max_seq_len=limits.max_seq_len,
                      prefix_caching=prefix_caching)
+
+
+def build_runner(model: OPTModel, layout: CacheLayout, limits: ServiceConstants, *,
+                 cuda_graphs: bool = False, rows: int | None = None,
+                 device: torch.device | None = None) -> ModelRunner | GraphRunner:
+    """The model and its KV cache for ``layout``; with ``cuda_graphs`` (on a GPU) a graph
+    runner, its cache one scratch block larger, captured for batches up to ``rows`` (default:
+    ``max_batch_size``)."""
+    param = next(model.parameters())
+    device = device or param.device
+    graphs = cuda_graphs and device.type == "cuda"
+    cache = KVCache(model.cfg, layout.num_blocks + graphs, layout.block_size,
+                    dtype=param.dtype, device=device, tp_size=model.decoder.comm.size)
+    runner = ModelRunner(model, cache, device)
+    if not graphs:
+        return runner
+    runner = GraphRunner(runner, default_buckets(rows or limits.max_batch_size),
+                         scratch=layout.num_blocks,
+                         max_blocks=-(-limits.max_seq_len // layout.block_size))
+    runner.capture()
+    return runner

@@ -14,21 +14,22 @@ import torch
 
 from constants import DEFAULTS, ServiceConstants
 from opt_serving.decoding.step import Stepper
-from opt_serving.model import KVCache, OPTModel
+from opt_serving.model import OPTModel
 from opt_serving.protocol import SamplingParams, SeqResult
 
-from .builder import build_scheduler
-from .runner import ModelRunner
+from .builder import build_runner, build_scheduler
 from .sizing import CacheLayout
 
 
 def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
              options: SamplingParams = SamplingParams(temperature=0.0), *,
              token_bytes: Callable[[int], bytes] | None = None,
-             limits: ServiceConstants = DEFAULTS, kv_tokens: int | None = None) -> list[SeqResult]:
+             limits: ServiceConstants = DEFAULTS, kv_tokens: int | None = None,
+             cuda_graphs: bool = False) -> list[SeqResult]:
     """Every sequence's result (``best_of`` per prompt, prompt by prompt) for token-id
     prompts; ``token_bytes`` (the tokenizer's) is needed for stop sequences. ``kv_tokens``:
-    the KV cache (default: room for every sequence at once)."""
+    the KV cache (default: room for every sequence at once). ``cuda_graphs``: replay decode
+    steps as opt-serve does on a GPU (``runtime.graphs``)."""
     if options.stop and token_bytes is None:
         raise ValueError("stop sequences match on text: pass the tokenizer's token_bytes")
     param = next(model.parameters())
@@ -39,11 +40,10 @@ def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
     blocks = (kv_tokens // bs if kv_tokens
               else len(prompts) * options.best_of * -(-longest // bs))
     layout = CacheLayout(blocks, bs)
-    cache = KVCache(model.cfg, blocks, bs, dtype=param.dtype, device=param.device,
-                    tp_size=model.decoder.comm.size)
+    runner = build_runner(model, layout, limits, cuda_graphs=cuda_graphs,
+                          rows=len(prompts) * options.best_of)
     scheduler = build_scheduler(limits, layout)
-    stepper = Stepper(scheduler, ModelRunner(model, cache, param.device).run,
-                      token_bytes or (lambda _: b""))
+    stepper = Stepper(scheduler, runner.run, token_bytes or (lambda _: b""))
     seqs = scheduler.submit(prompts, options.seeded())
     results: dict[int, SeqResult] = {}
     with torch.inference_mode():

@@ -83,10 +83,18 @@ def check_fits(cfg: OPTConfig, tokens: int, world_size: int, dtype: str,
                        f"bytes free; pass {naming('kv_tokens', fits)} or less")
 
 
+def graph_bytes(cfg: OPTConfig, rows: int, world_size: int, dtype: str) -> int:
+    """What CUDA graphs of up to ``rows`` decode rows hold in their pool (the largest bucket's
+    activations: logits, the fc1 output, a few hidden states, with room to spare), set aside
+    before the KV cache is sized from free memory. The start-up log says what they took."""
+    per_row = cfg.vocab_size + 4 * cfg.ffn_dim // world_size + 8 * cfg.embed_dim
+    return 2 * rows * per_row * dtype_bytes(dtype) + 64 * 2**20
+
+
 def kv_tokens(cfg: OPTConfig, c: ServiceConstants, world_size: int, dtype: str, model,
-              device: torch.device, requested: int | None = None) -> int:
+              device: torch.device, requested: int | None = None, reserve: int = 0) -> int:
     """KV-cache positions this rank allocates: ``requested`` (--kv-tokens), else from free
-    memory."""
+    memory less ``reserve`` bytes (the CUDA graphs')."""
     if requested:
         return requested
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -100,7 +108,7 @@ def kv_tokens(cfg: OPTConfig, c: ServiceConstants, world_size: int, dtype: str, 
         return max(c.max_batch_tokens, min(fit, CPU_SEQUENCES * c.max_seq_len))
     free, _ = torch.cuda.mem_get_info(device)
     # One source of truth with opt-capacity: free memory as if the weights were not loaded.
-    return kv_cache_tokens(cfg, world_size, free + torch.cuda.memory_allocated(device),
+    return kv_cache_tokens(cfg, world_size, free + torch.cuda.memory_allocated(device) - reserve,
                            nbytes, c.max_batch_tokens, weight_bytes=weights)
 
 

@@ -33,16 +33,18 @@ from opt_serving.checkpoint.formats import read_config
 from opt_serving.checkpoint.loading import load_model
 from opt_serving.config import DTYPES, OPTConfig
 from opt_serving.demo_tokenizer import ByteTokenizer
-from opt_serving.model import SINGLE, KVCache
+from opt_serving.model import SINGLE
 from opt_serving.tensor_parallel import DistComm
 from opt_serving.tokenizer import AssetError, Tokenizer, locate_assets
 
-from .builder import build_scheduler
+from .builder import build_runner, build_scheduler
 from .engine import Engine
 from .naming import cli_name
 from .ranks import Control, worker_loop
 from .runner import ModelRunner
-from .sizing import CacheLayout, TooSmall, check_fits, effective_limits, kv_tokens
+from .graphs import GraphRunner, default_buckets
+from .sizing import (CacheLayout, TooSmall, check_fits, effective_limits, graph_bytes,
+                     kv_tokens)
 
 log = logging.getLogger("opt_serve")
 EXIT_FAILED = 3  # a rank died or the engine failed while serving
@@ -79,6 +81,7 @@ class ServeOptions:
     ready_file: str | None = None  # JSON {url, pid, workers, ...} written once serving
     ping_interval_s: float = 1.0
     seq_len_given: bool = False  # --max-seq-len was asked for: refuse it rather than cut it
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs (on a GPU)
     naming: Callable[..., str] = cli_name  # how messages spell an option (flag or keyword)
 
 
@@ -183,7 +186,7 @@ class Loaded:
     """One rank, ready to step: its runner, the control group, the cache's layout and the
     limits every surface reports (``max_seq_len`` is the effective one)."""
 
-    runner: ModelRunner
+    runner: ModelRunner | GraphRunner
     control: Control
     layout: CacheLayout
     limits: ServiceConstants
@@ -203,8 +206,11 @@ def load_rank(plan: Plan, env: distributed.RankEnv) -> Loaded:
     control = Control(plan.world_size, opts.constants.worker_timeout_s)
     if plan.world_size > 1:
         dist.barrier()  # under the long start-up timeout: ranks load at different speeds
+    graphs = device.type == "cuda" and opts.cuda_graphs
+    top = default_buckets(opts.constants.max_batch_size)[-1]
+    reserve = graph_bytes(cfg, top, plan.world_size, plan.dtype) if graphs else 0
     tokens = control.agree_min(kv_tokens(cfg, opts.constants, plan.world_size, plan.dtype,
-                                         model, device, opts.kv_tokens))
+                                         model, device, opts.kv_tokens, reserve))
     try:
         layout = CacheLayout.from_tokens(tokens, opts.constants)
         check_fits(cfg, layout.tokens, plan.world_size, plan.dtype, device, name)
@@ -213,9 +219,9 @@ def load_rank(plan: Plan, env: distributed.RankEnv) -> Loaded:
         raise StartupError(str(e)) from None
     if device.type == "cpu" and kernels.available(DTYPES[plan.dtype]):
         kernels.pack(model)  # after sizing: the packed weights are not in the state dict
-    cache = KVCache(cfg, layout.num_blocks, layout.block_size, dtype=DTYPES[plan.dtype],
-                    device=device, tp_size=plan.world_size)
-    return Loaded(ModelRunner(model, cache, device), control, layout, limits)
+    # Every rank captures the same buckets in the same order (the all-reduces line up).
+    runner = build_runner(model, layout, limits, cuda_graphs=graphs, device=device)
+    return Loaded(runner, control, layout, limits)
 
 
 def run_worker(plan: Plan, env: distributed.RankEnv) -> int:

@@ -86,14 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{CPU_SEQUENCES} x --max-seq-len and at least --max-batch-tokens); refused "
                    "at start when the device cannot hold it")
     p.add_argument("--kv-block-size", type=int, metavar="N", help="positions per KV-cache "
-                   f"block (default {DEFAULTS.kv_block_size})")
+                   f"block (default {DEFAULTS.kv_block_size} on a GPU and a CPU: the prefix "
+                   "cache's unit, and a tile of the GPU's paged-decode kernel)")
     p.add_argument("--no-prefix-cache", action="store_true", help="do not share cached KV "
                    "blocks between prompts that start the same way")
     p.add_argument("--max-seq-len", type=int, metavar="N", help="positions per sequence, "
                    f"prompt included (default {DEFAULTS.max_seq_len}, or the model's positions "
                    "when fewer); refused when the KV cache cannot hold one such sequence")
     p.add_argument("--max-batch-tokens", type=int, metavar="N", help="prompt tokens one step "
-                   f"may prefill (default {DEFAULTS.max_batch_tokens})")
+                   f"may prefill (default {DEFAULTS.max_batch_tokens} on a GPU and a CPU, "
+                   "metaseq's: a 2,000-token prompt in one chunk, measured 1.26x faster than "
+                   "in 512-token chunks on an H200)")
     p.add_argument("--max-batch-size", type=int, metavar="N",
                    help=f"most sequences decoded together (default {DEFAULTS.max_batch_size})")
     p.add_argument("--mp", type=int, metavar="M", help="model-parallel degree when spawning "
@@ -109,6 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "holds one while it waits")
     p.add_argument("--model-name", help="name in responses and /v1/models (default: the "
                    "model preset's name)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on a GPU, run every step "
+                   "eagerly; by default decode-only steps replay CUDA graphs captured at start "
+                   "for batches of 1, 2, 4, 8, then every 8 up to 256 (or --max-batch-size), "
+                   "their capture time and memory logged (a CPU never uses graphs)")
     p.add_argument("--ready-file", metavar="PATH", help="once serving, write JSON {url, pid, "
                    "workers: {rank: pid}, world_size, model} to PATH (for supervisors and tests)")
     p.add_argument("--demo-tokenizer", action="store_true", help="when no tokenizer files are "
@@ -151,6 +158,7 @@ def options_from_args(args: argparse.Namespace):
         demo_tokenizer=args.demo_tokenizer, mp=args.mp, prefix_caching=not args.no_prefix_cache,
         **({} if args.threads is None else {"threads": args.threads}),
         model_name=args.model_name, ready_file=args.ready_file,
+        cuda_graphs=not args.no_cuda_graphs,
         seq_len_given=constants.max_seq_len != DEFAULTS.max_seq_len or args.max_seq_len is not None)
 
 
