@@ -36,8 +36,9 @@ KNOWN = known_fields()
 
 
 def unknown_option_error(names: Sequence[str], cls: type = SamplingParams) -> str:
-    """'not an option: max_tokenz (did you mean max_tokens?)' for Python callers."""
-    known = sorted(known_fields(cls) - {"prompt", "stream", "stream_options"})
+    """'not a completions option: max_tokenz (did you mean max_tokens?)' for Python callers,
+    who pass decoding options only."""
+    known = sorted(wire_names(cls))
     parts = []
     for name in names:
         close = difflib.get_close_matches(name, known, n=1)
