@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import sqlite3
 import time
 from urllib.parse import parse_qs
@@ -21,7 +22,7 @@ import requests
 from agents.bb3 import Agent, AgentConfig, AgentError
 from agents.safety import UNSAFE_INPUT_MESSAGE, UNSAFE_REPLY_MESSAGE
 from paths import ASSETS
-from loopback import (ScriptedServer, SearchServerProcess, forward, free_port,
+from loopback import (ScriptedServer, SearchServerProcess, forward,
                       json_answer, safe_interactive, search_cli)
 
 BOT = "[BlenderBot3]: "
@@ -448,9 +449,14 @@ def empty_search_server(tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["down", "empty", "malformed"])
 def test_search_failures_take_the_contextual_path(tmp_path, opt_serve, proxy, scripted,
-                                                  empty_search_server, kind):
+                                                  empty_search_server, kind, request):
     if kind == "down":
-        url, error = f"127.0.0.1:{free_port()}", "connection refused"
+        # A port bound but never listening refuses connections for as long as it is held (a
+        # port merely found free could be handed to the next server this test starts).
+        held = socket.socket()
+        held.bind(("127.0.0.1", 0))
+        request.addfinalizer(held.close)
+        url, error = f"127.0.0.1:{held.getsockname()[1]}", "connection refused"
     elif kind == "empty":
         url, error = empty_search_server.address, "no documents"
     else:

@@ -6,7 +6,6 @@ drives their parsing, are ``options.SamplingParams``.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import json
 import math
@@ -16,8 +15,7 @@ from typing import Any, Mapping, Sequence, Union
 from constants import DEFAULTS, ServiceConstants
 from opt_serving.vocab import DICT_SIZE
 
-from .options import (MAX_INT, MAX_PENALTY, MAX_TEMPERATURE, MIN_TEMPERATURE,  # noqa: F401
-                      ROW_FIELDS, SamplingParams, Spec, specs, wire_names)
+from .options import MIN_TEMPERATURE, SamplingParams, Spec, specs, wire_names
 
 Prompt = Union[str, Sequence[int]]  # text, or token ids (parsed: a tuple)
 

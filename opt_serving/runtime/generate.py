@@ -32,7 +32,6 @@ def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
     steps as opt-serve does on a GPU (``runtime.graphs``)."""
     if options.stop and token_bytes is None:
         raise ValueError("stop sequences match on text: pass the tokenizer's token_bytes")
-    param = next(model.parameters())
     limits = dataclasses.replace(limits, max_seq_len=min(limits.max_seq_len,
                                                          model.cfg.max_positions))
     longest = min(max(len(p) for p in prompts) + options.max_tokens + 1, limits.max_seq_len)
