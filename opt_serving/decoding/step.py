@@ -61,6 +61,17 @@ class Stepper:
         self.tokens_generated = 0
         self.prompt_tokens_computed = 0  # prompt positions run through the model
         self.steps = 0
+        self._rows: tuple[tuple, RowParams] | None = None  # (batch key, its RowParams)
+
+    def _row_params(self, seqs: list[Seq], device) -> RowParams | None:
+        """The rows' options as tensors; the last step's when the batch is the same
+        sequences in the same order (most decode steps), so they are not built again."""
+        if not seqs:
+            return None
+        key = (tuple(s.id for s in seqs), str(device))
+        if self._rows is None or self._rows[0] != key:
+            self._rows = (key, RowParams.stack([s.options for s in seqs], device=device))
+        return self._rows[1]
 
     def plan(self) -> StepPlan:
         self.scheduler.admit()
@@ -94,7 +105,8 @@ class Stepper:
                 echo_scores(row.seq, row.start, mine)
             if row.last:
                 last.append((row.seq, mine[-1]))
-        drawn = draw_isolated([(s, lg) for s, lg in last if s.max_tokens > 0])
+        drawing = [(s, lg) for s, lg in last if s.max_tokens > 0]
+        drawn = draw_isolated(drawing, self._row_params([s for s, _ in drawing], logits.device))
         sampled = {}
         for seq, got in drawn.items():
             if isinstance(got, Exception):
@@ -150,7 +162,7 @@ def echo_scores(seq: Seq, start: int, logits: torch.Tensor) -> None:
         seq.prompt_tops += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-def draw_isolated(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
+def draw_isolated(rows: list[tuple[Seq, torch.Tensor]], rp: RowParams | None = None) -> dict:
     """``draw`` for the batch; when it raises, each row alone from the same RNG state, so
     the rows that can draw draw what they would have and only the broken one gets the
     exception."""
@@ -159,7 +171,7 @@ def draw_isolated(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
     # Greedy rows draw nothing: only sampling rows need their RNG state kept.
     states = [None if s.options.greedy else s.generator.get_state() for s, _ in rows]
     try:
-        return draw(rows)
+        return draw(rows, rp)
     except Exception:  # noqa: BLE001
         out = {}
         for (seq, lg), state in zip(rows, states):
@@ -172,13 +184,13 @@ def draw_isolated(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
         return out
 
 
-def draw(rows: list[tuple[Seq, torch.Tensor]]) -> dict:
+def draw(rows: list[tuple[Seq, torch.Tensor]], rp: RowParams | None = None) -> dict:
     """seq -> (token, its log-prob, top alternatives or None) for rows (seq, logits (V,)); a
     row whose processed scores are NaN (no distribution to draw from) gets a ValueError
     instead, so that it alone fails."""
     seqs = [s for s, _ in rows]
     logits = torch.stack([lg for _, lg in rows])  # (N, V)
-    rp = RowParams.stack([s.options for s in seqs], device=logits.device)
+    rp = rp or RowParams.stack([s.options for s in seqs], device=logits.device)
     tokens, lps = next_tokens(
         logits, rp, generated=[s.generated for s in seqs], sources=[s.source for s in seqs],
         stop_ids=[s.stop_ids for s in seqs], prompts=[s.prompt for s in seqs],

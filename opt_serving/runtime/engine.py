@@ -1,7 +1,7 @@
 """The generation engine on rank 0: one loop thread that owns the scheduler and runs the steps.
 
-HTTP threads call ``submit`` (which returns a ``RequestHandle`` once the loop has queued the
-request, or raises QueueFull / RequestError) and ``cancel``; everything else happens on the
+Callers (HTTP threads, ``LLM.generate``) call ``submit`` (which returns a ``RequestHandle``
+once the loop has queued the request, or raises QueueFull / RequestError) and ``cancel``; everything else happens on the
 loop thread, so the scheduler needs no lock. Each iteration: take new requests and
 cancellations, expire requests past their deadline, then one ``decoding.step`` (plan, send the
 step's work to the other ranks, forward, sample, stop) whose events go to the handles, found
@@ -33,7 +33,7 @@ from opt_serving.tokenizer import TextTokenizer
 
 from .handles import RequestHandle
 from .ranks import Control
-from .runner import ModelRunner
+from .runner import StepRunner
 
 log = logging.getLogger("opt_serve.engine")
 
@@ -80,7 +80,7 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, *, runner: ModelRunner, control: Control, scheduler: Scheduler,
+    def __init__(self, *, runner: StepRunner, control: Control, scheduler: Scheduler,
                  tokenizer: TextTokenizer, request_timeout_s: float, ping_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):
         self.runner, self.control, self.scheduler = runner, control, scheduler

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from opt_serving.decoding.work import StepWork
 
-from .runner import ModelRunner
+from .runner import StepRunner
 
 OP_STEP, OP_PING, OP_SHUTDOWN = 1, 2, 3
 HEADER_LEN = 5
@@ -107,7 +107,7 @@ class Control:
         return op, step_from_payload(n, b, m, s, flat)
 
 
-def worker_loop(runner: ModelRunner, control: Control) -> None:
+def worker_loop(runner: StepRunner, control: Control) -> None:
     """A rank > 0: run every step rank 0 sends until it says stop. Any exception (a failed
     forward, a dead peer, a control-group timeout) propagates: the caller exits non-zero
     rather than leave the other ranks waiting in a collective (metaseq defect 9)."""

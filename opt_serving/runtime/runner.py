@@ -7,10 +7,19 @@ engine or the step noticing.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
 from opt_serving.decoding.work import StepWork
 from opt_serving.model import AttentionRows, KVCache, OPTModel, packed_positions
+
+
+class StepRunner(Protocol):
+    """What the engine and the worker loop step: ``ModelRunner``, or ``graphs.GraphRunner``
+    wrapping one."""
+
+    def run(self, work: StepWork) -> torch.Tensor: ...
 
 
 class ModelRunner:

@@ -41,8 +41,8 @@ from .builder import build_runner, build_scheduler
 from .engine import Engine
 from .naming import cli_name
 from .ranks import Control, worker_loop
-from .runner import ModelRunner
-from .graphs import GraphRunner, default_buckets
+from .runner import StepRunner
+from .graphs import default_buckets
 from .sizing import (CacheLayout, TooSmall, check_fits, effective_limits, graph_bytes,
                      kv_tokens)
 
@@ -186,7 +186,7 @@ class Loaded:
     """One rank, ready to step: its runner, the control group, the cache's layout and the
     limits every surface reports (``max_seq_len`` is the effective one)."""
 
-    runner: ModelRunner | GraphRunner
+    runner: StepRunner
     control: Control
     layout: CacheLayout
     limits: ServiceConstants
