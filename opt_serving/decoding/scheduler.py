@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 from opt_serving.config import EOS_ID
 from opt_serving.protocol import RequestError, SamplingParams
@@ -34,10 +34,10 @@ class QueueFull(Exception):
     """Too many requests waiting for admission: the HTTP layer answers 429 at once."""
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One sequence's part of a step: feed ``tokens`` at positions start.. (its keys and
-    values go into ``blocks``, the sequence's block table as of this step)."""
+    values go into ``blocks``, the sequence's block table as of this step). A named tuple:
+    a step makes one per running sequence, and a frozen dataclass costs 5x more to build."""
 
     seq: Seq
     start: int
@@ -182,13 +182,16 @@ class Scheduler:
         """This step's rows: the newest token of every decoding sequence (taking a block when
         it starts one, preempting the youngest sequence when the pool is full), then prompt
         chunks, oldest first, while ``step_tokens`` lasts."""
-        decode = []
+        decode, bs = [], self.block_size
         for seq in list(self.running):
-            if seq.state != RUNNING or seq.known - seq.cached != 1:
+            cached = seq.cached
+            if seq.state != RUNNING or seq.known - cached != 1:
                 continue
-            if self._room(seq, seq.cached + 1):
-                decode.append(Row(seq, seq.cached, seq.tokens(seq.cached, seq.known),
-                                  tuple(seq.blocks), last=True))
+            # A block is taken when the new token starts one (the common case needs none).
+            if cached < len(seq.blocks) * bs or self._room(seq, cached + 1):
+                token = (seq.generated[-1] if cached >= len(seq.prompt) and seq.generated
+                         else seq.prompt[cached])
+                decode.append(Row(seq, cached, (token,), tuple(seq.blocks), True))
         decode = [r for r in decode if r.seq.state == RUNNING]  # not preempted since
         budget, prefill = self.step_tokens, []
         for seq in self.running:

@@ -98,15 +98,19 @@ class Stepper:
 
     def _sample(self, plan: StepPlan, index: LogitIndex, logits: torch.Tensor) -> list[Event]:
         events: list[Event] = []
-        last = []  # (seq, logits (V,)) of every row that reached its newest token
+        last, at = [], []  # every row that reached its newest token, and its logits' row
         for row, first, count in zip(plan.rows, index.first, index.count):
-            mine = logits[first:first + count]  # (count, V)
             if row.seq.options.echo:
-                echo_scores(row.seq, row.start, mine)
+                echo_scores(row.seq, row.start, logits[first:first + count])
             if row.last:
-                last.append((row.seq, mine[-1]))
-        drawing = [(s, lg) for s, lg in last if s.max_tokens > 0]
-        drawn = draw_isolated(drawing, self._row_params([s for s, _ in drawing], logits.device))
+                last.append(row.seq)
+                at.append(first + count - 1)
+        drawing = [j for j, seq in enumerate(last) if seq.max_tokens > 0]
+        seqs, rows = [last[j] for j in drawing], [at[j] for j in drawing]
+        # Decode steps select exactly their rows' last logits, in order: a view, no gather.
+        mine = (logits[:len(rows)] if rows == list(range(len(rows)))
+                else logits.index_select(0, torch.tensor(rows, device=logits.device)))
+        drawn = draw_isolated(seqs, mine, self._row_params(seqs, logits.device))
         sampled = {}
         for seq, got in drawn.items():
             if isinstance(got, Exception):
@@ -119,7 +123,7 @@ class Stepper:
             else:
                 sampled[seq.id] = got
         self.scheduler.commit(plan, {i: token for i, (token, _, _) in sampled.items()})
-        for seq, _ in last:
+        for seq in last:
             if seq.state != RUNNING:
                 continue
             if seq.max_tokens == 0:  # scoring only (echo): nothing to draw
@@ -162,34 +166,32 @@ def echo_scores(seq: Seq, start: int, logits: torch.Tensor) -> None:
         seq.prompt_tops += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-def draw_isolated(rows: list[tuple[Seq, torch.Tensor]], rp: RowParams | None = None) -> dict:
+def draw_isolated(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> dict:
     """``draw`` for the batch; when it raises, each row alone from the same RNG state, so
     the rows that can draw draw what they would have and only the broken one gets the
     exception."""
-    if not rows:
+    if not seqs:
         return {}
     # Greedy rows draw nothing: only sampling rows need their RNG state kept.
-    states = [None if s.options.greedy else s.generator.get_state() for s, _ in rows]
+    states = [None if s.options.greedy else s.generator.get_state() for s in seqs]
     try:
-        return draw(rows, rp)
+        return draw(seqs, logits, rp)
     except Exception:  # noqa: BLE001
         out = {}
-        for (seq, lg), state in zip(rows, states):
+        for j, (seq, state) in enumerate(zip(seqs, states)):
             if state is not None:
                 seq.generator.set_state(state)
             try:
-                out.update(draw([(seq, lg)]))
+                out.update(draw([seq], logits[j:j + 1]))
             except Exception as e:  # noqa: BLE001
                 out[seq] = e
         return out
 
 
-def draw(rows: list[tuple[Seq, torch.Tensor]], rp: RowParams | None = None) -> dict:
-    """seq -> (token, its log-prob, top alternatives or None) for rows (seq, logits (V,)); a
-    row whose processed scores are NaN (no distribution to draw from) gets a ValueError
-    instead, so that it alone fails."""
-    seqs = [s for s, _ in rows]
-    logits = torch.stack([lg for _, lg in rows])  # (N, V)
+def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> dict:
+    """seq -> (token, its log-prob, top alternatives or None) for the rows of ``logits``
+    (N, V), one per sequence; a row whose processed scores are NaN (no distribution to draw
+    from) gets a ValueError instead, so that it alone fails."""
     rp = rp or RowParams.stack([s.options for s in seqs], device=logits.device)
     tokens, lps = next_tokens(
         logits, rp, generated=[s.generated for s in seqs], sources=[s.source for s in seqs],
