@@ -14,12 +14,12 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 
 from opt_serving.config import EOS_ID
-from opt_serving.protocol import EngineError
+from opt_serving.protocol import EngineError, TopK
 
 from .sampling import RowParams, gather_logprobs, log_probs, next_tokens, top_logprobs
 from .scheduler import Scheduler, StepPlan
@@ -110,19 +110,16 @@ class Stepper:
         # Decode steps select exactly their rows' last logits, in order: a view, no gather.
         mine = (logits[:len(rows)] if rows == list(range(len(rows)))
                 else logits.index_select(0, torch.tensor(rows, device=logits.device)))
-        drawn = draw_isolated(seqs, mine, self._row_params(seqs, logits.device))
-        sampled = {}
-        for seq, got in drawn.items():
-            if isinstance(got, Exception):
-                if seq.state == RUNNING:  # only its request fails; the batch goes on
-                    log.error("sequence %d failed while sampling: %s", seq.id, got)
-                    self.scheduler.cancel(seq.group)
-                    events.append(Event(seq, error=EngineError(
-                        500, f"generation failed for this request: {got}",
-                        code="generation_failed")))
-            else:
-                sampled[seq.id] = got
-        self.scheduler.commit(plan, {i: token for i, (token, _, _) in sampled.items()})
+        drawn, failed = draw_isolated(seqs, mine, self._row_params(seqs, logits.device))
+        for seq, error in failed.items():
+            if seq.state == RUNNING:  # only its request fails; the batch goes on
+                log.error("sequence %d failed while sampling: %s", seq.id, error)
+                self.scheduler.cancel(seq.group)
+                events.append(Event(seq, error=EngineError(
+                    500, f"generation failed for this request: {error}",
+                    code="generation_failed")))
+        sampled = {seq.id: d for seq, d in drawn.items()}
+        self.scheduler.commit(plan, {i: d.token for i, d in sampled.items()})
         for seq in last:
             if seq.state != RUNNING:
                 continue
@@ -166,32 +163,44 @@ def echo_scores(seq: Seq, start: int, logits: torch.Tensor) -> None:
         seq.prompt_tops += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-def draw_isolated(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> dict:
+class Drawn(NamedTuple):
+    """A sequence's next token, its log-prob and (when asked for) the top alternatives."""
+
+    token: int
+    logprob: float
+    top: TopK | None
+
+
+Draws = tuple[dict[Seq, Drawn], dict[Seq, Exception]]  # what was drawn, and who failed
+
+
+def draw_isolated(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> Draws:
     """``draw`` for the batch; when it raises, each row alone from the same RNG state, so
-    the rows that can draw draw what they would have and only the broken one gets the
-    exception."""
+    the rows that can draw draw what they would have and only the broken one fails."""
     if not seqs:
-        return {}
+        return {}, {}
     # Greedy rows draw nothing: only sampling rows need their RNG state kept.
     states = [None if s.options.greedy else s.generator.get_state() for s in seqs]
     try:
         return draw(seqs, logits, rp)
     except Exception:  # noqa: BLE001
-        out = {}
+        drawn, failed = {}, {}
         for j, (seq, state) in enumerate(zip(seqs, states)):
             if state is not None:
                 seq.generator.set_state(state)
             try:
-                out.update(draw([seq], logits[j:j + 1]))
+                one, bad = draw([seq], logits[j:j + 1])
             except Exception as e:  # noqa: BLE001
-                out[seq] = e
-        return out
+                one, bad = {}, {seq: e}
+            drawn.update(one)
+            failed.update(bad)
+        return drawn, failed
 
 
-def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> dict:
-    """seq -> (token, its log-prob, top alternatives or None) for the rows of ``logits``
-    (N, V), one per sequence; a row whose processed scores are NaN (no distribution to draw
-    from) gets a ValueError instead, so that it alone fails."""
+def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> Draws:
+    """What each sequence draws from its row of ``logits`` (N, V); a row whose processed
+    scores are NaN (no distribution to draw from) fails with a ValueError instead, so that
+    it alone fails."""
     rp = rp or RowParams.stack([s.options for s in seqs], device=logits.device)
     tokens, lps = next_tokens(
         logits, rp, generated=[s.generated for s in seqs], sources=[s.source for s in seqs],
@@ -208,13 +217,13 @@ def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> 
     if k:
         values, ids = top_logprobs(lps, k)
         values, ids = values.tolist(), ids.tolist()
-    out = {}
+    drawn, failed = {}, {}
     for j, (seq, (token, logprob, bad)) in enumerate(zip(seqs, packed)):
-        token = int(token)
         if bad:
-            out[seq] = ValueError("the model's scores for it are not finite numbers "
-                                  "(NaN or infinity)")
+            failed[seq] = ValueError("the model's scores for it are not finite numbers "
+                                     "(NaN or infinity)")
             continue
         want = seq.options.num_logprobs
-        out[seq] = (token, logprob, list(zip(ids[j], values[j]))[:want] if want else None)
-    return out
+        drawn[seq] = Drawn(int(token), logprob,
+                           list(zip(ids[j], values[j]))[:want] if want else None)
+    return drawn, failed
