@@ -73,6 +73,7 @@ if triton is not None:
         dmask = d < D
         q = tl.load(q_ptr + b * stride_qb + h * stride_qh + d, mask=dmask, other=0.0)
         q = q.to(tl.float32) * scale
+        head = h.to(tl.int64) * stride_ch  # a head's slice of a large cache passes 2^31
         m_i = tl.full([], -float("inf"), tl.float32)
         l_i = tl.full([], 0.0, tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
@@ -81,7 +82,7 @@ if triton is not None:
             kmask = offs < end
             block = tl.load(tables_ptr + b * stride_tb + offs // BS, mask=kmask, other=0)
             rows = block.to(tl.int64) * BS + offs % BS
-            at = h * stride_ch + rows[:, None] * D + d[None, :]
+            at = head + rows[:, None] * D + d[None, :]
             both = kmask[:, None] & dmask[None, :]
             k = tl.load(k_ptr + at, mask=both, other=0.0).to(tl.float32)  # (BLOCK_N, BLOCK_D)
             scores = tl.sum(q[None, :] * k, 1)
