@@ -1,4 +1,5 @@
 """BlenderBot 1 (ParlAI's encoder-decoder ``transformer/generator``): ``config`` (shapes and
 presets), ``model`` (the network in ParlAI's parameter names), ``hf`` (Hugging Face weights in
-those names) and ``search`` (ParlAI's TreeSearch: beam and greedy, exactly). Loading ParlAI's
-own files, the engine's cached decoding and the serving routes are still to come (issue 20)."""
+those names), ``parlai`` (ParlAI's own model files, dictionary and history vector) and
+``search`` (ParlAI's TreeSearch: beam and greedy, exactly). The 90M's subword BPE, the
+engine's cached decoding and the serving and chat interfaces are still to come (issue 20)."""

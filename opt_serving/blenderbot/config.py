@@ -16,6 +16,13 @@ def neginf(dtype) -> float:
     return -NEAR_INF_FP16 if dtype == torch.float16 else -NEAR_INF
 
 
+# A model file's options are input: past these (9.4B: 4096 wide, 32 layers) they would only
+# allocate or loop for ever.
+_LIMITS = {"embed_dim": 1 << 15, "num_encoder_layers": 256, "num_decoder_layers": 256,
+           "num_heads": 1024, "ffn_dim": 1 << 17, "vocab_size": 1 << 20,
+           "max_positions": 1 << 16}
+
+
 @dataclass(frozen=True)
 class BlenderbotConfig:
     name: str
@@ -32,11 +39,10 @@ class BlenderbotConfig:
     def __post_init__(self):
         if self.variant not in ("prelayernorm", "xlm"):
             raise ValueError(f"variant must be prelayernorm or xlm, got {self.variant!r}")
-        for name in ("embed_dim", "num_encoder_layers", "num_decoder_layers", "num_heads",
-                     "ffn_dim", "vocab_size", "max_positions"):
+        for name, top in _LIMITS.items():
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 1 << 20:
-                raise ValueError(f"{name} must be an integer between 1 and {1 << 20}, got {v!r}")
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= top:
+                raise ValueError(f"{name} must be an integer between 1 and {top}, got {v!r}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not a multiple of num_heads "
                              f"{self.num_heads}")

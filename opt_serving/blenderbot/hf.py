@@ -9,7 +9,7 @@ from typing import Mapping
 
 import torch
 
-from .config import BlenderbotConfig
+from .config import START_ID, BlenderbotConfig
 
 # HF name (after "model.") -> ParlAI name, per layer part.
 _LAYER = (("self_attn.q_proj", "{att}.q_lin"), ("self_attn.k_proj", "{att}.k_lin"),
@@ -80,4 +80,5 @@ def state_from_hf(state: Mapping[str, torch.Tensor], cfg: BlenderbotConfig) -> d
             out[mapped] = tensor
     shared = out["embeddings.weight"]
     out["encoder.embeddings.weight"] = out["decoder.embeddings.weight"] = shared
+    out["START"] = torch.tensor([START_ID])
     return out

@@ -158,6 +158,8 @@ class BlenderbotModel(nn.Module):
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.embed_dim, padding_idx=0)
         self.encoder = Encoder(cfg, self.embeddings)
         self.decoder = Decoder(cfg, self.embeddings)
+        # ParlAI keeps the start id as a buffer; its files carry it, so the load stays strict.
+        self.register_buffer("START", torch.tensor([START_ID]))
 
     def encode(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(tokens, tokens != 0 if mask is None else mask)

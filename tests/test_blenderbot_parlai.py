@@ -1,0 +1,92 @@
+"""BlenderBot 1 against ParlAI 1.7.2 itself: a tiny model ParlAI trained and saved, loaded
+from ParlAI's own files, must build ParlAI's history vectors and find ParlAI's beam-search
+n-best lists (tests/fixtures/blenderbot1, recorded with ParlAI; CI needs no ParlAI)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from opt_serving.blenderbot import parlai
+from opt_serving.blenderbot.search import search
+from opt_serving.checkpoint.errors import CheckpointError
+
+FIXTURES = Path(__file__).parent / "fixtures" / "blenderbot1"
+RECORDED = json.loads((FIXTURES / "parlai_1.7.2.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def files():
+    return parlai.load(FIXTURES / "tiny" / "model")
+
+
+def turns():
+    """(conversation, turn index, history so far, the recorded turn)."""
+    for c, conv in enumerate(RECORDED["conversations"]):
+        history = []
+        for t, turn in enumerate(conv["turns"]):
+            history.append(turn["message"])
+            yield c, t, list(history), turn
+            history.append(turn["reply"])  # ParlAI adds the bot's reply as its turn
+
+
+CASES = list(turns())
+
+
+@pytest.mark.parametrize("c, t, history, turn", CASES, ids=[f"c{c}t{t}" for c, t, *_ in CASES])
+def test_history_vectors_are_parlais(files, c, t, history, turn):
+    opt = RECORDED["opt"]
+    assert parlai.history_vector(files.tokenizer, history, delimiter=opt["delimiter"],
+                                 truncate=opt["text_truncate"]) == turn["history_vec"]
+
+
+@pytest.mark.parametrize("c, t, history, turn", CASES, ids=[f"c{c}t{t}" for c, t, *_ in CASES])
+def test_beam_search_finds_parlais_n_best(files, c, t, history, turn):
+    options = parlai.search_options({**files.opt, **RECORDED["opt"]})
+    assert (options.beam_size, options.beam_min_length, options.max_tokens) == (10, 20, 32)
+    context = torch.tensor([turn["history_vec"]])
+    with torch.no_grad():
+        memory = files.model.encode(context)
+
+        def step(prefixes):
+            n = len(prefixes)
+            return files.model.decode(torch.tensor(prefixes), memory.expand(n, -1, -1),
+                                      (context != 0).expand(n, -1))[:, -1]
+
+        ours = search(step, turn["history_vec"], options)
+    theirs = turn["nbest"]
+    assert [list(h.tokens) for h in ours] == [h["tokens"][1:-1] for h in theirs]
+    assert [h.rescored for h in ours] == pytest.approx([h["score"] for h in theirs], abs=1e-5)
+    assert list(ours[0].tokens) == turn["best"][1:-1]
+
+
+def test_paths_inside_the_opt_are_the_trainers_and_the_files_beside_are_used(files):
+    recorded = Path(files.opt["dict_file"])  # the trainer's path, not this checkout's
+    assert recorded.parent != FIXTURES / "tiny" and recorded.name == "model.dict"
+    assert len(files.tokenizer) == files.model.cfg.vocab_size == 304
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda d: (d / "model.opt").write_text('{"variant": "prelayernorm", "embedding_size": '
+                                            '1073741824, "ffn_size": 64}'),
+     "embedding_size must be an integer between 1 and 32768"),
+    (lambda d: (d / "model.opt").write_text('{"variant": "prelayernorm", "embedding_size": 64, '
+                                            '"ffn_size": 64}'), "embedding_size 64"),
+    (lambda d: (d / "model.opt").write_text("not json"), "not JSON"),
+    (lambda d: (d / "model.opt").unlink(), "model.opt is missing"),
+    (lambda d: (d / "model.dict").write_text("__null__\t1\n"), "dictionary"),
+    (lambda d: (d / "model.dict-merges.txt").unlink(), "merges"),
+    (lambda d: (d / "model").write_bytes((FIXTURES / "tiny" / "model").read_bytes()[:5000]),
+     "truncated"),
+])
+def test_hostile_or_mismatched_files_are_refused_clearly(tmp_path, damage, words):
+    folder = tmp_path / "m"
+    shutil.copytree(FIXTURES / "tiny", folder)
+    damage(folder)
+    with pytest.raises((CheckpointError, ValueError)) as err:
+        parlai.load(folder / "model")
+    assert words in str(err.value)
