@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from opt_serving.checkpoint import torch_file
 from opt_serving.checkpoint.errors import CheckpointError
