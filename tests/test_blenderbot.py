@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from opt_serving.blenderbot.config import END_ID, NEAR_INF, START_ID
-from opt_serving.blenderbot.hf import config_from_hf, state_from_hf
+from opt_serving.blenderbot.hf import config_from_hf, load_folder, state_from_hf
 from opt_serving.blenderbot.model import BlenderbotModel
 from opt_serving.blenderbot.search import BeamState, SearchOptions, block, search
 
@@ -55,6 +55,34 @@ def test_encoder_and_teacher_forced_logits_equal_hf(small):
     keep = [i for i in range(V) if i != START_ID]  # ParlAI blocks __start__; HF does not
     torch.testing.assert_close(mine[..., keep], theirs[..., keep], atol=1e-5, rtol=1e-5)
     assert bool((mine[..., START_ID] == -NEAR_INF).all())
+
+
+@pytest.mark.parametrize("safetensors", [True, False], ids=["safetensors", "bin"])
+def test_an_hf_folder_loads_to_the_same_network(tmp_path, safetensors):
+    hf, ours = _hf(small=False, seed=2)
+    hf.save_pretrained(tmp_path, safe_serialization=safetensors)
+    loaded = load_folder(tmp_path)
+    x = torch.randint(4, V, (1, 9), generator=torch.Generator().manual_seed(4))
+    y = torch.tensor([[START_ID, 7, 8, 9]])
+    with torch.no_grad():
+        want = ours.decode(y, ours.encode(x), x != 0)
+        got = loaded.decode(y, loaded.encode(x), x != 0)
+    assert torch.equal(got, want)
+
+
+def test_an_hf_folder_with_an_output_bias_or_another_model_is_refused(tmp_path):
+    from opt_serving.checkpoint.errors import CheckpointError
+
+    hf, _ = _hf(small=False, seed=2)
+    with torch.no_grad():
+        hf.final_logits_bias.fill_(0.5)
+    hf.save_pretrained(tmp_path / "bias")
+    with pytest.raises(ValueError, match="final_logits_bias"):
+        load_folder(tmp_path / "bias")
+    (tmp_path / "opt").mkdir()
+    (tmp_path / "opt" / "config.json").write_text('{"architectures": ["OPTForCausalLM"]}')
+    with pytest.raises(CheckpointError, match="not a Blenderbot config"):
+        load_folder(tmp_path / "opt")
 
 
 def test_greedy_equals_hf_greedy_with_parlais_settings():

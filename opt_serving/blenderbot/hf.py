@@ -1,15 +1,22 @@
 """Hugging Face's Blenderbot weights in ParlAI's names: a config and a state dict our model
-loads strictly. HF's ``BlenderbotForConditionalGeneration`` is the prelayernorm network (the
+loads strictly, and a folder ``save_pretrained`` wrote. HF's ``BlenderbotForConditionalGeneration`` is the prelayernorm network (the
 400M / 1B distills, 2.7B); ``BlenderbotSmall`` is the 90M's xlm network."""
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 from typing import Mapping
 
 import torch
 
+from opt_serving.checkpoint import torch_file
+from opt_serving.checkpoint.errors import CheckpointError
+from opt_serving.checkpoint.lazy_tensor import LazyTensor
+
 from .config import START_ID, BlenderbotConfig
+from .model import BlenderbotModel
 
 # HF name (after "model.") -> ParlAI name, per layer part.
 _LAYER = (("self_attn.q_proj", "{att}.q_lin"), ("self_attn.k_proj", "{att}.k_lin"),
@@ -82,3 +89,48 @@ def state_from_hf(state: Mapping[str, torch.Tensor], cfg: BlenderbotConfig) -> d
     out["encoder.embeddings.weight"] = out["decoder.embeddings.weight"] = shared
     out["START"] = torch.tensor([START_ID])
     return out
+
+
+MAX_CONFIG_BYTES = 1 << 20
+ARCHITECTURES = ("BlenderbotForConditionalGeneration", "BlenderbotSmallForConditionalGeneration")
+
+
+def load_folder(folder: str | Path) -> BlenderbotModel:
+    """A Hugging Face Blenderbot folder: ``config.json`` and ``model.safetensors`` (preferred)
+    or ``pytorch_model.bin`` (read by the allow-list unpickler: nothing in it runs)."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file() or config_path.stat().st_size > MAX_CONFIG_BYTES:
+        raise CheckpointError(str(config_path), "is missing or too large to be a config",
+                              "pass the folder that save_pretrained wrote")
+    try:
+        hf = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(str(config_path), f"is not JSON ({e})", "copy it again") from None
+    if not isinstance(hf, dict) or not set(hf.get("architectures") or ()) & set(ARCHITECTURES):
+        raise CheckpointError(str(config_path), "is not a Blenderbot config (architectures: "
+                              f"{hf.get('architectures') if isinstance(hf, dict) else None})",
+                              f"this loader reads {' or '.join(ARCHITECTURES)}")
+    try:
+        cfg = config_from_hf(hf, folder.name or "blenderbot")
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(str(config_path), f"does not describe a BlenderBot this toolkit "
+                              f"runs: {e}", "check the file") from None
+    if (folder / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").is_file():
+        state = torch_file.load(folder / "pytorch_model.bin")
+        state = {k: v.read() if isinstance(v, LazyTensor) else v for k, v in state.items()}
+    else:
+        raise CheckpointError(str(folder), "holds neither model.safetensors nor "
+                              "pytorch_model.bin", "pass the folder that save_pretrained wrote")
+    shared = state.get("model.shared.weight")
+    if shared is None or tuple(shared.shape) != (cfg.vocab_size, cfg.embed_dim):
+        raise CheckpointError(str(folder), "has no model.shared.weight of the config's shape "
+                              f"({cfg.vocab_size}, {cfg.embed_dim})", "the weights and "
+                              "config.json belong to different models")
+    model = BlenderbotModel(cfg)
+    model.load_state_dict(state_from_hf(state, cfg))
+    return model.eval()

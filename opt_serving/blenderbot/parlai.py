@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-
 from opt_serving.checkpoint import torch_file
 from opt_serving.checkpoint.errors import CheckpointError
 from opt_serving.checkpoint.lazy_tensor import LazyTensor
