@@ -16,37 +16,54 @@ from opt_serving.blenderbot.search import search
 from opt_serving.checkpoint.errors import CheckpointError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "blenderbot1"
+# The byte-level prelayernorm model (as the 400M .. 9.4B) and the subword-BPE xlm one (as 90M).
+MODELS = {"byte-level": ("tiny", "parlai_1.7.2.json"),
+          "subword-xlm": ("tiny-xlm", "parlai_1.7.2_xlm.json")}
 RECORDED = json.loads((FIXTURES / "parlai_1.7.2.json").read_text())
+_LOADED: dict = {}
+
+
+def loaded(kind: str):
+    if kind not in _LOADED:
+        folder, recording = MODELS[kind]
+        _LOADED[kind] = (parlai.load(FIXTURES / folder / "model"),
+                         json.loads((FIXTURES / recording).read_text()))
+    return _LOADED[kind]
 
 
 @pytest.fixture(scope="module")
 def files():
-    return parlai.load(FIXTURES / "tiny" / "model")
+    return loaded("byte-level")[0]
 
 
 def turns():
-    """(conversation, turn index, history so far, the recorded turn)."""
-    for c, conv in enumerate(RECORDED["conversations"]):
-        history = []
-        for t, turn in enumerate(conv["turns"]):
-            history.append(turn["message"])
-            yield c, t, list(history), turn
-            history.append(turn["reply"])  # ParlAI adds the bot's reply as its turn
+    """(model kind, conversation, turn index, history so far, the recorded turn)."""
+    for kind, (_, recording) in MODELS.items():
+        recorded = json.loads((FIXTURES / recording).read_text())
+        for c, conv in enumerate(recorded["conversations"]):
+            history = []
+            for t, turn in enumerate(conv["turns"]):
+                history.append(turn["message"])
+                yield kind, c, t, list(history), turn
+                history.append(turn["reply"])  # ParlAI adds the bot's reply as its turn
 
 
 CASES = list(turns())
+IDS = [f"{kind}-c{c}t{t}" for kind, c, t, *_ in CASES]
 
 
-@pytest.mark.parametrize("c, t, history, turn", CASES, ids=[f"c{c}t{t}" for c, t, *_ in CASES])
-def test_history_vectors_are_parlais(files, c, t, history, turn):
-    opt = RECORDED["opt"]
+@pytest.mark.parametrize("kind, c, t, history, turn", CASES, ids=IDS)
+def test_history_vectors_are_parlais(kind, c, t, history, turn):
+    files, recorded = loaded(kind)
+    opt = recorded["opt"]
     assert parlai.history_vector(files.tokenizer, history, delimiter=opt["delimiter"],
                                  truncate=opt["text_truncate"]) == turn["history_vec"]
 
 
-@pytest.mark.parametrize("c, t, history, turn", CASES, ids=[f"c{c}t{t}" for c, t, *_ in CASES])
-def test_beam_search_finds_parlais_n_best(files, c, t, history, turn):
-    options = parlai.search_options({**files.opt, **RECORDED["opt"]})
+@pytest.mark.parametrize("kind, c, t, history, turn", CASES, ids=IDS)
+def test_beam_search_finds_parlais_n_best(kind, c, t, history, turn):
+    files, recorded = loaded(kind)
+    options = parlai.search_options({**files.opt, **recorded["opt"]})
     assert (options.beam_size, options.beam_min_length, options.max_tokens) == (10, 20, 32)
     context = torch.tensor([turn["history_vec"]])
     with torch.no_grad():

@@ -10,6 +10,7 @@ ParlAI falls back to them.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -84,7 +85,7 @@ def search_options(opt: dict) -> SearchOptions:
 class ParlaiFiles:
     model: BlenderbotModel
     opt: dict
-    tokenizer: "ByteLevelDictionary"
+    tokenizer: "ByteLevelDictionary | SubwordDictionary"
 
 
 def load(path: str | Path) -> ParlaiFiles:
@@ -102,7 +103,7 @@ def load(path: str | Path) -> ParlaiFiles:
         raise CheckpointError(str(path), f"has embeddings of shape {tuple(emb.shape)} but its "
                               f".opt says embedding_size {cfg.embed_dim}", "copy the .opt of "
                               "the same model")
-    tok = ByteLevelDictionary.beside(path)
+    tok = dictionary_beside(path, opt)
     if len(tok) != cfg.vocab_size:
         raise CheckpointError(str(path), f"has {cfg.vocab_size} embedding rows but its "
                               f"dictionary {len(tok)} entries", "the .dict belongs to another "
@@ -133,9 +134,7 @@ class ByteLevelDictionary:
         if missing:
             raise CheckpointError(str(path), f"has no dictionary beside it ({', '.join(missing)} "
                                   "missing)", "ParlAI's agent.save writes them with the model")
-        tokens = [line.split("\t")[0] for line in files[0].read_text(encoding="utf-8")
-                  .splitlines()]
-        return cls(tokens, files[1], files[2])
+        return cls(_dict_tokens(files[0]), files[1], files[2])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -146,7 +145,103 @@ class ByteLevelDictionary:
         return [self.ids.get(piece, unk) for piece in self._bpe.encode(text).tokens]
 
 
-def history_vector(tok: ByteLevelDictionary, turns: Sequence[str], *, delimiter: str = "  ",
+class SubwordDictionary:
+    """ParlAI's dictionary for the 90M (``dict_tokenizer bpe``): text lower-cased, newlines
+    as `` __newln__ ``, split on ``\\w+|[^\\w\\s]``, each piece segmented by subword-nmt's BPE
+    (``PATH.dict.codecs``, version 0.2, ``@@`` continuation), unknown pieces ``__unk__``.
+    Written here because subword-nmt's ``apply_bpe`` is the whole of what is needed (about
+    forty lines: merges applied by rank until none applies)."""
+
+    RETOK = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+    def __init__(self, tokens: list[str], codecs: Path, lower: bool = True):
+        self.tokens, self.lower = tokens, lower
+        self.ids = {t: i for i, t in enumerate(tokens)}
+        lines = codecs.read_text(encoding="utf-8").splitlines()
+        if lines and lines[0].startswith("#version:"):
+            lines = lines[1:]
+        ranks: dict[tuple[str, str], int] = {}
+        for rank, line in enumerate(lines):
+            pair = tuple(line.strip("\r\n ").split(" "))
+            if len(pair) == 2:
+                ranks.setdefault(pair, rank)
+        self.ranks = ranks
+        self._cache: dict[str, tuple[str, ...]] = {}
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _segment(self, word: str) -> tuple[str, ...]:
+        """subword-nmt's ``encode`` for one word (codecs version 0.2)."""
+        if word in self._cache:
+            return self._cache[word]
+        if len(word) == 1:
+            return (word,)
+        parts = [*word[:-1], word[-1] + "</w>"]
+        while len(parts) > 1:
+            pairs = [(self.ranks[p], i, p) for i, p in enumerate(zip(parts, parts[1:]))
+                     if p in self.ranks]
+            if not pairs:
+                break
+            best = min(pairs)[2]
+            merged, i = [], 0
+            for j in (i for _, i, p in pairs if p == best):
+                if j < i:
+                    continue  # overlapping pairs: "x x x" -> "xx x"
+                merged += parts[i:j] + ["".join(best)]
+                i = j + 2
+            parts = merged + parts[i:]
+        if parts[-1] == "</w>":
+            parts = parts[:-1]
+        elif parts[-1].endswith("</w>"):
+            parts[-1] = parts[-1][:-4]
+        self._cache[word] = tuple(parts)
+        return self._cache[word]
+
+    def pieces(self, text: str) -> list[str]:
+        if self.lower:
+            text = text.lower()
+        out = []
+        for word in self.RETOK.findall(text.replace("\n", " __newln__ ")):
+            seg = self._segment(word)
+            out += [p + "@@" for p in seg[:-1]] + [seg[-1]]
+        return out
+
+    def encode(self, text: str) -> list[int]:
+        unk = self.ids["__unk__"]
+        return [self.ids.get(piece, unk) for piece in self.pieces(text)]
+
+
+def dictionary_beside(path: Path, opt: dict):
+    """The dictionary the model's ``.opt`` names, from the files beside the model."""
+    kind = opt.get("dict_tokenizer", "bytelevelbpe")
+    if kind == "bytelevelbpe":
+        return ByteLevelDictionary.beside(path)
+    if kind == "bpe":
+        files = [Path(f"{path}.dict"), Path(f"{path}.dict.codecs")]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(str(path), f"has no dictionary beside it ({', '.join(missing)} "
+                                  "missing)", "ParlAI's agent.save writes them with the model")
+        return SubwordDictionary(_dict_tokens(files[0]), files[1],
+                                 lower=bool(opt.get("dict_lower", True)))
+    raise CheckpointError(str(path), f"uses dict_tokenizer {kind!r}", "this toolkit reads the "
+                          "BlenderBot dictionaries: bytelevelbpe (400M .. 9.4B) and bpe (90M)")
+
+
+def _dict_tokens(path: Path) -> list[str]:
+    """A ParlAI ``.dict``: ``token\\tcount`` lines, the line order is the id; ``\\n``, ``\\t``
+    and ``\\r`` escaped in tokens (ParlAI's ``escape``)."""
+    out = []
+    for line in path.read_text(encoding="utf-8").split("\n"):
+        if not line:
+            continue
+        token = line.split("\t")[0]
+        out.append(token.replace("\\n", "\n").replace("\\t", "\t").replace("\\r", "\r"))
+    return out
+
+
+def history_vector(tok, turns: Sequence[str], *, delimiter: str = "  ",
                    add_end: bool = True, truncate: int = 128) -> list[int]:
     """ParlAI's history vector: each turn tokenised on its own, joined by the tokenised
     delimiter, the end token appended (``history_add_global_end_token``), then cut from the
