@@ -386,16 +386,18 @@ def _agent(tmp_path, opt: str, **overrides) -> Agent:
     config = dict(opt_server=opt, memory_db=str(tmp_path / "m.sqlite"), user="dave",
                   user_facts=("I have a corgi.",), safety="none", tokenizer_dir=str(ASSETS),
                   search_decision="never", memory_decision="never", max_retry_api=0,
-                  server_timeout_s=3.0)
+                  # The real server answers most calls: room for a loaded 2-core machine.
+                  server_timeout_s=30.0)
     return Agent(AgentConfig(**{**config, **overrides}))
 
 
-@pytest.mark.parametrize("fault, error", [
-    (lambda r: json_answer({}, delay_s=30), "no answer within 3s"),
+@pytest.mark.parametrize("fault, error, timeout", [
+    (lambda r: json_answer({}, delay_s=60), "no answer within 10s", 10.0),
     (lambda r: (200, "text/html", "<html><body>502 Bad Gateway</body></html>"),
-     r"non-JSON \(text/html\)"),
+     r"non-JSON \(text/html\)", 30.0),
 ], ids=["slow", "non-json"])
-def test_a_failed_response_call_leaves_no_trace(tmp_path, opt_serve, scripted, fault, error):
+def test_a_failed_response_call_leaves_no_trace(tmp_path, opt_serve, scripted, fault, error,
+                                               timeout):
     real = forward(opt_serve.url)
     failing = True
 
@@ -405,7 +407,7 @@ def test_a_failed_response_call_leaves_no_trace(tmp_path, opt_serve, scripted, f
         return real(req)
 
     opt = scripted(answer)
-    with _agent(tmp_path, opt.address) as agent:
+    with _agent(tmp_path, opt.address, server_timeout_s=timeout) as agent:
         with pytest.raises(AgentError, match=error):
             agent.respond("Hi! I just adopted a puppy.")
         # mgm ran on the user's line, yet nothing was committed.
@@ -464,10 +466,8 @@ def test_search_failures_take_the_contextual_path(tmp_path, opt_serve, proxy, sc
         error = "malformed search result"
     opt = proxy(opt_serve.url)
     message = "Who won the 2022 World Cup?"
-    # The real server answers here (a 128-token reply among other modules): the 3 s deadline
-    # of the fault tests is too tight for it on a loaded 2-core machine.
     with _agent(tmp_path, opt.address, raw_search_server=url, search_decision="always",
-                memory_decision="never", user_facts=(), server_timeout_s=60.0) as agent:
+                memory_decision="never", user_facts=()) as agent:
         reply = agent.respond(message)
     assert reply.status == "ok" and reply.search.query and error in reply.search.error
     assert reply.search.documents == ()
