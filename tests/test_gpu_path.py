@@ -237,3 +237,45 @@ def test_default_buckets():
     assert default_buckets(2048) == (1, 2, 4, *range(8, 257, 8))
     assert default_buckets(20) == (1, 2, 4, 8, 16, 20)
     assert default_buckets(3) == (1, 2, 3)
+
+
+def _run_requests(model, graphs):
+    """Two requests through the engine's own stack (builder, scheduler, step): three
+    prompts wanting 6 tokens and two wanting 3, greedy. Returns every sequence's ids."""
+    from constants import DEFAULTS
+    from opt_serving.decoding.step import Stepper
+    from opt_serving.protocol import SamplingParams
+    from opt_serving.runtime.builder import build_runner, build_scheduler
+    from opt_serving.runtime.sizing import CacheLayout
+
+    layout = CacheLayout(24, BS)
+    runner = build_runner(model, layout, DEFAULTS, cuda_graphs=graphs is not None, rows=5,
+                          graph_factory=graphs)
+    scheduler = build_scheduler(DEFAULTS, layout)
+    stepper = Stepper(scheduler, runner.run, lambda _: b"")
+    seqs = [*scheduler.submit([[5, 100, 9], [6, 107], [7]],
+                              SamplingParams(max_tokens=6, temperature=0).seeded()),
+            *scheduler.submit([[8, 114, 9, 44], [9]],
+                              SamplingParams(max_tokens=3, temperature=0).seeded())]
+    with torch.no_grad():
+        while not scheduler.idle:
+            stepper.step(stepper.plan())
+    return [list(s.generated) for s in seqs], runner
+
+
+def test_decoding_with_replayed_graphs_equals_the_eager_engine(model):
+    """The whole decode loop on the graph runner (fake graphs): five rows replay bucket 5,
+    then the second request finishes and three rows replay bucket 4 with a padded row on the
+    scratch block; prompts are prefilled eagerly. The ids equal the CPU engine's."""
+    with torch.no_grad():
+        model.decoder.layer_norm.weight.mul_(20)  # peaked, like a trained model
+    try:
+        eager, _ = _run_requests(model, None)
+        graphs = FakeGraphs()
+        replayed, runner = _run_requests(model, graphs)
+    finally:
+        with torch.no_grad():
+            model.decoder.layer_norm.weight.div_(20)
+    assert len(graphs.captured) == len(default_buckets(5)) == 4  # 5, 4, 2, 1
+    assert replayed == eager and [len(g) for g in eager] == [6, 6, 6, 3, 3]
+    assert runner.replays >= 4  # the decode steps, both buckets

@@ -27,20 +27,23 @@ def build_scheduler(limits: ServiceConstants, layout: CacheLayout, *,
 
 def build_runner(model: OPTModel, layout: CacheLayout, limits: ServiceConstants, *,
                  cuda_graphs: bool = False, rows: int | None = None,
-                 device: torch.device | None = None) -> ModelRunner | GraphRunner:
+                 device: torch.device | None = None,
+                 graph_factory=None) -> ModelRunner | GraphRunner:
     """The model and its KV cache for ``layout``; with ``cuda_graphs`` (on a GPU) a graph
     runner, its cache one scratch block larger, captured for batches up to ``rows`` (default:
-    ``max_batch_size``)."""
+    ``max_batch_size``). ``graph_factory`` replaces CUDA's (the tests' fake graphs: then the
+    graph runner runs on a CPU too, with the batched step)."""
     param = next(model.parameters())
     device = device or param.device
-    graphs = cuda_graphs and device.type == "cuda"
+    graphs = cuda_graphs and (device.type == "cuda" or graph_factory is not None)
     cache = KVCache(model.cfg, layout.num_blocks + graphs, layout.block_size,
                     dtype=param.dtype, device=device, tp_size=model.decoder.comm.size)
-    runner = ModelRunner(model, cache, device)
+    runner = ModelRunner(model, cache, device, batched=True if graphs else None)
     if not graphs:
         return runner
     runner = GraphRunner(runner, default_buckets(rows or limits.max_batch_size),
                          scratch=layout.num_blocks,
-                         max_blocks=-(-limits.max_seq_len // layout.block_size))
+                         max_blocks=-(-limits.max_seq_len // layout.block_size),
+                         graphs=graph_factory)
     runner.capture()
     return runner

@@ -25,11 +25,12 @@ def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
              options: SamplingParams = SamplingParams(temperature=0.0), *,
              token_bytes: Callable[[int], bytes] | None = None,
              limits: ServiceConstants = DEFAULTS, kv_tokens: int | None = None,
-             cuda_graphs: bool = False) -> list[SeqResult]:
+             cuda_graphs: bool = False, graph_factory=None) -> list[SeqResult]:
     """Every sequence's result (``best_of`` per prompt, prompt by prompt) for token-id
     prompts; ``token_bytes`` (the tokenizer's) is needed for stop sequences. ``kv_tokens``:
     the KV cache (default: room for every sequence at once). ``cuda_graphs``: replay decode
-    steps as opt-serve does on a GPU (``runtime.graphs``)."""
+    steps as opt-serve does on a GPU (``runtime.graphs``; ``graph_factory``: the tests' fake
+    graphs)."""
     if options.stop and token_bytes is None:
         raise ValueError("stop sequences match on text: pass the tokenizer's token_bytes")
     limits = dataclasses.replace(limits, max_seq_len=min(limits.max_seq_len,
@@ -40,7 +41,7 @@ def generate(model: OPTModel, prompts: Sequence[Sequence[int]],
               else len(prompts) * options.best_of * -(-longest // bs))
     layout = CacheLayout(blocks, bs)
     runner = build_runner(model, layout, limits, cuda_graphs=cuda_graphs,
-                          rows=len(prompts) * options.best_of)
+                          rows=len(prompts) * options.best_of, graph_factory=graph_factory)
     scheduler = build_scheduler(limits, layout)
     stepper = Stepper(scheduler, runner.run, token_bytes or (lambda _: b""))
     seqs = scheduler.submit(prompts, options.seeded())
