@@ -15,7 +15,7 @@ import psutil
 import torch
 
 from constants import ServiceConstants
-from opt_serving.capacity.planner import kv_cache_tokens
+from opt_serving.capacity.planner import kv_bytes_per_token_per_gpu, kv_cache_tokens
 from opt_serving.config import DTYPES, OPTConfig
 
 from .naming import cli_name
@@ -58,10 +58,9 @@ def dtype_bytes(dtype: str) -> int:
 
 
 def cache_bytes(cfg: OPTConfig, tokens: int, world_size: int, dtype: str) -> int:
-    """Bytes one rank's KV cache of ``tokens`` positions takes: keys and values of every
-    layer, (heads / world) x head_dim each."""
-    per_token = 2 * cfg.num_layers * (cfg.num_heads // world_size) * cfg.head_dim
-    return tokens * per_token * dtype_bytes(dtype)
+    """Bytes one rank's KV cache of ``tokens`` positions takes (``opt-capacity``'s figure
+    per token and GPU)."""
+    return tokens * kv_bytes_per_token_per_gpu(cfg, world_size, dtype_bytes(dtype))
 
 
 def free_bytes(device: torch.device) -> int:
