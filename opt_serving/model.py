@@ -103,15 +103,17 @@ class AttentionRows:
 
     @classmethod
     def build_batched(cls, starts: torch.Tensor, lengths: torch.Tensor, tables: torch.Tensor,
-                      block_size: int, device) -> "AttentionRows":
+                      block_size: int, device,
+                      packed: tuple[torch.Tensor, torch.Tensor] | None = None) -> "AttentionRows":
         """The GPU path, from a step's CPU tensors (B,), (B,), (B, M): the leading one-token
         rows go to the batched decode call, the write rows of every token are computed at
         once, and only prompt chunks are looped over (with a lower-right causal bias, which
-        SDPA's flash kernel takes, when they continue a sequence)."""
+        SDPA's flash kernel takes, when they continue a sequence). ``packed``: the step's
+        ``packed_positions`` when the caller has them already."""
         b = lengths.shape[0]
         lead = int((lengths == 1).long().cumprod(0).sum()) if b else 0  # leading 1-token rows
         n = int(lengths.sum())
-        seq, pos = packed_positions(starts, lengths)
+        seq, pos = packed if packed is not None else packed_positions(starts, lengths)
         first = torch.cumsum(lengths, 0) - lengths  # (B,) each sequence's first packed row
         write = tables[seq, pos // block_size].clamp(min=0) * block_size + pos % block_size
         spans, keys, masks = [], [], []

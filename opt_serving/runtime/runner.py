@@ -39,8 +39,10 @@ class ModelRunner:
         """Logits (S, V) at the selected rows, on the device."""
         dev, bs = self.device, self.cache.block_size
         if self.batched:
-            rows = AttentionRows.build_batched(work.starts, work.lengths, work.tables, bs, dev)
-            _, positions = packed_positions(work.starts, work.lengths)
+            packed = packed_positions(work.starts, work.lengths)  # (seq, pos), each (N,)
+            rows = AttentionRows.build_batched(work.starts, work.lengths, work.tables, bs, dev,
+                                               packed)
+            positions = packed[1]
         else:
             starts, lengths = work.starts.tolist(), work.lengths.tolist()
             rows = AttentionRows.build(starts, lengths, work.tables.tolist(), bs, dev)
