@@ -230,18 +230,12 @@ def _temperature(obj: Mapping, name: str, spec: Spec, default: float,
     return t
 
 
-def _best_of(obj: Mapping, name: str, spec: Spec, default: int, limits: ServiceConstants,
-             n: int = 1) -> int:
-    return _int(obj, name, n, *spec.bounds(limits))  # default: n
-
-
 def _stop_option(obj: Mapping, name: str, spec: Spec, default, limits: ServiceConstants):
     return _stop(obj, limits)
 
 
 # Options whose reading is more than a bounded number: by field name.
-_CUSTOM = {"stop": _stop_option, "temperature": _temperature, "top_k": _top_k,
-           "best_of": _best_of}
+_CUSTOM = {"stop": _stop_option, "temperature": _temperature, "top_k": _top_k}
 
 
 def parse_options(obj: Mapping, limits: ServiceConstants = DEFAULTS,
@@ -259,8 +253,8 @@ def parse_options(obj: Mapping, limits: ServiceConstants = DEFAULTS,
             values[name] = _float(obj, name, default, *spec.bounds(limits))
         elif spec.kind == "bool":
             values[name] = _bool(obj, name)
-        elif name == "best_of":
-            values[name] = _best_of(obj, name, spec, default, limits, n=values.get("n", 1))
+        elif name == "best_of":  # its default is n, parsed before it
+            values[name] = _int(obj, name, values["n"], *spec.bounds(limits))
         else:
             values[name] = _CUSTOM[name](obj, name, spec, default, limits)
     if values["best_of"] < values["n"]:
