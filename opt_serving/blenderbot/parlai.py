@@ -128,12 +128,7 @@ class ByteLevelDictionary:
 
     @classmethod
     def beside(cls, path: Path) -> "ByteLevelDictionary":
-        files = [Path(f"{path}.dict"), Path(f"{path}.dict-vocab.json"),
-                 Path(f"{path}.dict-merges.txt")]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(str(path), f"has no dictionary beside it ({', '.join(missing)} "
-                                  "missing)", "ParlAI's agent.save writes them with the model")
+        files = _beside(path, ".dict", ".dict-vocab.json", ".dict-merges.txt")
         return cls(_dict_tokens(files[0]), files[1], files[2])
 
     def __len__(self) -> int:
@@ -218,15 +213,21 @@ def dictionary_beside(path: Path, opt: dict):
     if kind == "bytelevelbpe":
         return ByteLevelDictionary.beside(path)
     if kind == "bpe":
-        files = [Path(f"{path}.dict"), Path(f"{path}.dict.codecs")]
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(str(path), f"has no dictionary beside it ({', '.join(missing)} "
-                                  "missing)", "ParlAI's agent.save writes them with the model")
+        files = _beside(path, ".dict", ".dict.codecs")
         return SubwordDictionary(_dict_tokens(files[0]), files[1],
                                  lower=bool(opt.get("dict_lower", True)))
     raise CheckpointError(str(path), f"uses dict_tokenizer {kind!r}", "this toolkit reads the "
                           "BlenderBot dictionaries: bytelevelbpe (400M .. 9.4B) and bpe (90M)")
+
+
+def _beside(path: Path, *suffixes: str) -> list[Path]:
+    """The dictionary files next to the model file, all of them or a CheckpointError."""
+    files = [Path(f"{path}{suffix}") for suffix in suffixes]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(str(path), f"has no dictionary beside it ({', '.join(missing)} "
+                              "missing)", "ParlAI's agent.save writes them with the model")
+    return files
 
 
 def _dict_tokens(path: Path) -> list[str]:
