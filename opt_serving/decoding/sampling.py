@@ -28,11 +28,22 @@ class RowParams:
     """The options of B rows as (B,) tensors, one per row field of their options type
     (declared there, once: ``protocol.options``), plus ``greedy`` (bool)."""
 
-    def __init__(self, columns: dict[str, torch.Tensor], host: dict[str, torch.Tensor]):
+    def __init__(self, columns: dict[str, torch.Tensor], host: dict[str, torch.Tensor],
+                 wants: Sequence[int] = ()):
         self.__dict__.update(columns)
         # The same columns on the CPU: decisions about which work a step needs (any penalty?
-        # all greedy?) are taken there, without waiting for the device.
+        # all greedy?) are taken there, without waiting for the device, and once per batch
+        # (a decode step reuses its batch's RowParams), not once per step.
         self.host = host
+        self.wants = tuple(wants)  # alternatives each row returns (num_logprobs)
+        self.penalised = bool((host["alpha_presence"] != 0).any()
+                              or (host["alpha_frequency"] != 0).any())
+        self.src_penalised = bool((host["alpha_presence_src"] != 0).any()
+                                  or (host["alpha_frequency_src"] != 0).any())
+        self.repeated = bool((host["repetition_penalty"] != 1).any())
+        self.all_greedy = bool(host["greedy"].all())
+        self.greedy_rows = host["greedy"].tolist()
+        self.min_tokens = bool((host["min_tokens"] > 0).any())  # some row may block EOS
 
     @classmethod
     def stack(cls, params: Sequence[SamplingParams], device=None) -> "RowParams":
@@ -40,7 +51,8 @@ class RowParams:
                 for name, kind in row_fields(type(params[0]))}
         host["greedy"] = torch.tensor([p.greedy for p in params], dtype=torch.bool)
         on_cpu = device is None or torch.device(device).type == "cpu"
-        return cls(host if on_cpu else {k: v.to(device) for k, v in host.items()}, host)
+        return cls(host if on_cpu else {k: v.to(device) for k, v in host.items()}, host,
+                   [p.num_logprobs for p in params])
 
 
 def make_generator(seed: int, index: int = 0) -> torch.Generator:
@@ -122,7 +134,7 @@ def block_tokens(logits: torch.Tensor, rows: torch.Tensor,
 
 def process_logits(logits: torch.Tensor, rp: RowParams, *,
                    generated_counts: torch.Tensor | None, source_counts: torch.Tensor | None,
-                   n_generated: torch.Tensor, stop_ids: Sequence[Sequence[int]],
+                   n_generated: torch.Tensor | None, stop_ids: Sequence[Sequence[int]],
                    seen: torch.Tensor | None = None, eos_id: int = EOS_ID,
                    dict_size: int = DICT_SIZE) -> torch.Tensor:
     """The distribution tokens are drawn from (and log-probs reported on).  # (B, V) float32
@@ -133,7 +145,6 @@ def process_logits(logits: torch.Tensor, rp: RowParams, *,
     ``n_generated < min_tokens``.
     """
     x = logits.float()
-    n_generated = n_generated.cpu()  # (host) which rows still block EOS: no device sync
     if seen is not None:  # on the raw logits, before temperature, as HF and vLLM do
         x = apply_repetition_penalty(x, seen, rp.repetition_penalty)
     x = apply_temperature(x, rp.temperature)  # a new tensor: safe to edit
@@ -143,7 +154,9 @@ def process_logits(logits: torch.Tensor, rp: RowParams, *,
         x = apply_penalties(x, generated_counts, rp.alpha_presence, rp.alpha_frequency)
     if source_counts is not None:
         x = apply_penalties(x, source_counts, rp.alpha_presence_src, rp.alpha_frequency_src)
-    early = n_generated < rp.host["min_tokens"]
+    if not rp.min_tokens:
+        return x
+    early = n_generated.cpu() < rp.host["min_tokens"]  # (host) no device sync
     return block_tokens(x, early, [(eos_id, *ids) for ids in stop_ids])  # x is ours
 
 
@@ -209,25 +222,22 @@ def next_tokens(logits: torch.Tensor, rp: RowParams, *, generated: Sequence[Sequ
     """One decoding step for B rows: (tokens (B,), log-probs (B, V) of the processed
     distribution). ``generated[b]``: row b's tokens so far; ``sources[b]``: its
     ``source_tokens``; ``prompts[b]``: its model input (for the repetition penalty)."""
-    device, vocab, h = logits.device, logits.shape[-1], rp.host
+    device, vocab = logits.device, logits.shape[-1]
     # Counting is (B, V) work per step: skip it when no row is penalised (decided on the host).
-    penalised = bool((h["alpha_presence"] != 0).any() or (h["alpha_frequency"] != 0).any())
-    src_penalised = bool((h["alpha_presence_src"] != 0).any()
-                         or (h["alpha_frequency_src"] != 0).any())
-    repeated = bool((h["repetition_penalty"] != 1).any())
     seen = None
-    if repeated:
+    if rp.repeated:
         rows = [(*p, *g) for p, g in zip(prompts or [()] * len(generated), generated)]
         seen = token_counts(rows, vocab, device) > 0
     processed = process_logits(
         logits, rp, seen=seen,
-        generated_counts=token_counts(generated, vocab, device) if penalised else None,
-        source_counts=token_counts(sources, vocab, device) if src_penalised else None,
-        n_generated=torch.tensor([len(g) for g in generated]), stop_ids=stop_ids)
-    if bool(h["greedy"].all()):  # the argmax stays on the device until the step's one copy
+        generated_counts=token_counts(generated, vocab, device) if rp.penalised else None,
+        source_counts=token_counts(sources, vocab, device) if rp.src_penalised else None,
+        n_generated=torch.tensor([len(g) for g in generated]) if rp.min_tokens else None,
+        stop_ids=stop_ids)
+    if rp.all_greedy:  # the argmax stays on the device until the step's one copy
         return processed.max(dim=-1).indices, log_probs(processed)
     steps = torch.tensor([sentence_steps(g) for g in generated], device=device)
-    uniforms = draw_uniforms(generators, h["greedy"].tolist(), device)
+    uniforms = draw_uniforms(generators, rp.greedy_rows, device)
     tokens = sample(processed, nucleus_top_p(rp, steps), rp.top_k, rp.greedy, uniforms)
     return tokens, log_probs(processed)
 

@@ -182,25 +182,28 @@ class Scheduler:
         """This step's rows: the newest token of every decoding sequence (taking a block when
         it starts one, preempting the youngest sequence when the pool is full), then prompt
         chunks, oldest first, while ``step_tokens`` lasts."""
-        decode, bs = [], self.block_size
+        decode, waiting, bs, preempted = [], [], self.block_size, self.preempted
         for seq in list(self.running):
             cached = seq.cached
-            if seq.state != RUNNING or seq.known - cached != 1:
+            todo = len(seq.prompt) + len(seq.generated) - cached  # seq.known - cached, inlined
+            if todo != 1 or seq.state != RUNNING:
+                if todo > 1:
+                    waiting.append(seq)  # prompt left to compute
                 continue
             # A block is taken when the new token starts one (the common case needs none).
             if cached < len(seq.blocks) * bs or self._room(seq, cached + 1):
                 token = (seq.generated[-1] if cached >= len(seq.prompt) and seq.generated
                          else seq.prompt[cached])
                 decode.append(Row(seq, cached, (token,), tuple(seq.blocks), True))
-        decode = [r for r in decode if r.seq.state == RUNNING]  # not preempted since
+        if self.preempted != preempted:  # _room preempted some
+            decode = [r for r in decode if r.seq.state == RUNNING]
         budget, prefill = self.step_tokens, []
-        for seq in self.running:
-            todo = seq.known - seq.cached
+        for seq in waiting:
             if budget <= 0:
                 break
-            if todo <= 1:
+            if seq.state != RUNNING:
                 continue
-            n = min(todo, budget)
+            n = min(seq.known - seq.cached, budget)
             end = seq.cached + n
             prefill.append(Row(seq, seq.cached, seq.tokens(seq.cached, end), tuple(seq.blocks),
                                last=end == seq.known))
@@ -235,19 +238,20 @@ class Scheduler:
         token drawn for each ``last`` row (absent when the engine stops the sequence without
         drawing, e.g. max_tokens 0; it must then finish it). Blocks that filled up are
         offered to the prefix cache."""
-        bs = self.block_size
+        bs, caching = self.block_size, self.prefix_caching
         for row in plan.rows:
             seq = row.seq
             if seq.state != RUNNING:
                 continue  # cancelled while the step ran
-            seq.cached = row.start + len(row.tokens)
+            seq.cached = cached = row.start + len(row.tokens)
             if row.last and seq.id in sampled:
                 seq.generated.append(sampled[seq.id])
-            full = seq.cached // bs
-            self._digest(seq, full)
-            if self.prefix_caching:
-                for i in range(row.start // bs, full):
-                    self.pool.register(seq.blocks[i], seq.digests[i])
+            full, first = cached // bs, row.start // bs
+            if full > first:  # the row filled a block (a decode row: one step in bs)
+                self._digest(seq, full)
+                if caching:
+                    for i in range(first, full):
+                        self.pool.register(seq.blocks[i], seq.digests[i])
 
     def _digest(self, seq: Seq, blocks: int) -> None:
         """Extend ``seq.digests`` to its first ``blocks`` full blocks (hashing only new ones)."""

@@ -87,8 +87,7 @@ class Stepper:
         except Exception as e:  # noqa: BLE001 - the caller knows whether the ranks survive
             raise StepFailed(plan, e, in_forward=True) from e
         self.steps += 1
-        self.prompt_tokens_computed += sum(
-            max(0, min(r.start + len(r.tokens), len(r.seq.prompt)) - r.start) for r in plan.rows)
+        self.prompt_tokens_computed += index.prompt_tokens
         try:
             return self._sample(plan, index, logits)
         except Exception as e:  # noqa: BLE001 - rank 0 only: the ranks are still in step
@@ -98,37 +97,45 @@ class Stepper:
 
     def _sample(self, plan: StepPlan, index: LogitIndex, logits: torch.Tensor) -> list[Event]:
         events: list[Event] = []
-        last, at = [], []  # every row that reached its newest token, and its logits' row
-        for row, first, count in zip(plan.rows, index.first, index.count):
-            if row.seq.options.echo:
-                echo_scores(row.seq, row.start, logits[first:first + count])
-            if row.last:
-                last.append(row.seq)
-                at.append(first + count - 1)
-        drawing = [j for j, seq in enumerate(last) if seq.max_tokens > 0]
-        seqs, rows = [last[j] for j in drawing], [at[j] for j in drawing]
-        # Decode steps select exactly their rows' last logits, in order: a view, no gather.
-        mine = (logits[:len(rows)] if rows == list(range(len(rows)))
-                else logits.index_select(0, torch.tensor(rows, device=logits.device)))
-        drawn, failed = draw_isolated(seqs, mine, self._row_params(seqs, logits.device))
-        for seq, error in failed.items():
+        if index.plain:  # a decode step: row i's logits are logits[i], every row draws
+            seqs = last = [r.seq for r in plan.rows]
+            mine = logits
+        else:
+            last, at = [], []  # every row that reached its newest token, and its logits' row
+            for row, first, count in zip(plan.rows, index.first, index.count):
+                if row.seq.options.echo:
+                    echo_scores(row.seq, row.start, logits[first:first + count])
+                if row.last:
+                    last.append(row.seq)
+                    at.append(first + count - 1)
+            drawing = [j for j, seq in enumerate(last) if seq.max_tokens > 0]
+            seqs, rows = [last[j] for j in drawing], [at[j] for j in drawing]
+            mine = logits.index_select(0, torch.tensor(rows, dtype=torch.long,
+                                                       device=logits.device))
+        drawn = draw_isolated(seqs, mine, self._row_params(seqs, logits.device))
+        for j, error in drawn.failed.items():
+            seq = seqs[j]
             if seq.state == RUNNING:  # only its request fails; the batch goes on
                 log.error("sequence %d failed while sampling: %s", seq.id, error)
                 self.scheduler.cancel(seq.group)
                 events.append(Event(seq, error=EngineError(
                     500, f"generation failed for this request: {error}",
                     code="generation_failed")))
-        sampled = {seq.id: d for seq, d in drawn.items()}
-        self.scheduler.commit(plan, {i: d.token for i, d in sampled.items()})
-        for seq in last:
-            if seq.state != RUNNING:
+        sampled = dict(zip([s.id for s in seqs], drawn.tokens))
+        for j in drawn.failed:
+            del sampled[seqs[j].id]
+        self.scheduler.commit(plan, sampled)
+        if len(seqs) < len(last):  # scoring only (echo): nothing was drawn
+            for seq in last:
+                if seq.state == RUNNING and seq.max_tokens == 0:
+                    events.append(self._finish(seq, StopStatus(True, "length", 0, 0)))
+        tops = drawn.tops or [None] * len(seqs)
+        token_bytes = self.token_bytes
+        for seq, token, logprob, top in zip(seqs, drawn.tokens, drawn.logprobs, tops):
+            if seq.state != RUNNING:  # failed, or cancelled while the step ran
                 continue
-            if seq.max_tokens == 0:  # scoring only (echo): nothing to draw
-                events.append(self._finish(seq, StopStatus(True, "length", 0, 0)))
-                continue
-            token, logprob, top = sampled[seq.id]
             eos = token == EOS_ID
-            status = seq.add(token, b"" if eos else self.token_bytes(token), logprob, top, eos)
+            status = seq.add(token, b"" if eos else token_bytes(token), logprob, top, eos)
             self.tokens_generated += 1
             if status.stop:
                 events.append(self._finish(seq, status))
@@ -163,38 +170,43 @@ def echo_scores(seq: Seq, start: int, logits: torch.Tensor) -> None:
         seq.prompt_tops += [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
 
 
-class Drawn(NamedTuple):
-    """A sequence's next token, its log-prob and (when asked for) the top alternatives."""
+class Draws(NamedTuple):
+    """What B rows drew: row j's token, its log-prob and (when asked for) the top
+    alternatives; rows that could not draw are in ``failed`` (row index -> why), their
+    token -1. Lists, not one object per row: a step draws for every running sequence."""
 
-    token: int
-    logprob: float
-    top: TopK | None
-
-
-Draws = tuple[dict[Seq, Drawn], dict[Seq, Exception]]  # what was drawn, and who failed
+    tokens: list[int]
+    logprobs: list[float]
+    tops: list[TopK | None] | None  # None when no row asked for alternatives
+    failed: dict[int, Exception]
 
 
 def draw_isolated(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> Draws:
     """``draw`` for the batch; when it raises, each row alone from the same RNG state, so
     the rows that can draw draw what they would have and only the broken one fails."""
     if not seqs:
-        return {}, {}
+        return Draws([], [], None, {})
     # Greedy rows draw nothing: only sampling rows need their RNG state kept.
-    states = [None if s.options.greedy else s.generator.get_state() for s in seqs]
+    greedy = rp.greedy_rows if rp is not None else [s.options.greedy for s in seqs]
+    states = [None if g else s.generator.get_state() for s, g in zip(seqs, greedy)]
     try:
         return draw(seqs, logits, rp)
     except Exception:  # noqa: BLE001
-        drawn, failed = {}, {}
+        out = Draws([-1] * len(seqs), [0.0] * len(seqs), [None] * len(seqs), {})
         for j, (seq, state) in enumerate(zip(seqs, states)):
             if state is not None:
                 seq.generator.set_state(state)
             try:
-                one, bad = draw([seq], logits[j:j + 1])
+                one = draw([seq], logits[j:j + 1])
             except Exception as e:  # noqa: BLE001
-                one, bad = {}, {seq: e}
-            drawn.update(one)
-            failed.update(bad)
-        return drawn, failed
+                out.failed[j] = e
+                continue
+            if one.failed:
+                out.failed[j] = one.failed[0]
+                continue
+            out.tokens[j], out.logprobs[j] = one.tokens[0], one.logprobs[0]
+            out.tops[j] = one.tops[0] if one.tops else None
+        return out
 
 
 def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> Draws:
@@ -205,25 +217,25 @@ def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> 
     tokens, lps = next_tokens(
         logits, rp, generated=[s.generated for s in seqs], sources=[s.source for s in seqs],
         stop_ids=[s.stop_ids for s in seqs], prompts=[s.prompt for s in seqs],
-        generators=[None if s.options.greedy else s.generator for s in seqs])
+        generators=[None if g else s.generator for s, g in zip(seqs, rp.greedy_rows)])
     # A NaN or +inf score leaves a NaN in its row of log-probs (all -inf: NaN everywhere):
     # the row's sum shows it, for a twentieth of the cost of isnan().any() over (N, V).
     broken = torch.isnan(lps.sum(dim=-1))  # (N,)
     chosen = gather_logprobs(lps, tokens)  # (N,)
     # One copy back for the step: ids, their log-probs and the broken flags (float64 holds
-    # every id and every float32 exactly).
-    packed = torch.stack([tokens.double(), chosen.double(), broken.double()], 1).tolist()
-    k = max(s.options.num_logprobs for s in seqs)
+    # every id and every float32 exactly); the columns are split on the host.
+    packed = torch.stack([tokens.double(), chosen.double(), broken.double()]).cpu()
+    ids_out, logprobs = packed[0].long().tolist(), packed[1].tolist()
+    failed: dict[int, Exception] = {}
+    if packed[2].any():
+        for j in torch.nonzero(packed[2]).flatten().tolist():
+            failed[j] = ValueError("the model's scores for it are not finite numbers "
+                                   "(NaN or infinity)")
+            ids_out[j] = -1
+    tops = None
+    k = max(rp.wants)
     if k:
         values, ids = top_logprobs(lps, k)
-        values, ids = values.tolist(), ids.tolist()
-    drawn, failed = {}, {}
-    for j, (seq, (token, logprob, bad)) in enumerate(zip(seqs, packed)):
-        if bad:
-            failed[seq] = ValueError("the model's scores for it are not finite numbers "
-                                     "(NaN or infinity)")
-            continue
-        want = seq.options.num_logprobs
-        drawn[seq] = Drawn(int(token), logprob,
-                           list(zip(ids[j], values[j]))[:want] if want else None)
-    return drawn, failed
+        tops = [list(zip(i[:w], v[:w])) if w else None
+                for i, v, w in zip(ids.tolist(), values.tolist(), rp.wants)]
+    return Draws(ids_out, logprobs, tops, failed)
