@@ -19,6 +19,18 @@ from agents.safety import SAFETY_MODES
 from opt_serving.tokenizer import AssetError
 
 PROMPT = "Enter Your Message: "
+# ParlAI options -mf takes on the command line, as ParlAI's own flags (the model's .opt
+# otherwise; the gen/blenderbot recipe where the .opt is silent).
+PARLAI_OPTIONS = (
+    ("inference", str, "beam or greedy"), ("beam_size", int, "beams"),
+    ("beam_min_length", int, "the earliest end is token N + 1"),
+    ("beam_block_ngram", int, "n-gram blocking in the reply"),
+    ("beam_context_block_ngram", int, "n-gram blocking against the history"),
+    ("beam_length_penalty", float, "the rescoring exponent"),
+    ("label_truncate", int, "reply tokens at most"),
+    ("delimiter", str, "between turns"),
+    ("history_add_global_end_token", str, "'end' appends the end token to the history"),
+    ("text_truncate", int, "history tokens kept"))
 BOT_PREFIX = "[BlenderBot3]: "
 PRESETS = ("gen/opt_bb3",)
 DEFAULT_RETRIES = AgentConfig.max_retry_api
@@ -72,9 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     flag("-o", "--init-opt", type=_preset, default="gen/opt_bb3",
          help="ParlAI preset; only gen/opt_bb3 is implemented (default %(default)s)")
-    flag("--opt-server", default=AgentConfig.opt_server,
+    flag("--opt-server", default=None,
          help="completions API base URL, e.g. opt-serve's (http:// is added when "
-              "missing; default %(default)s)")
+              f"missing; default {AgentConfig.opt_server})")
     flag("--raw-search-server", default=None,
          help="ParlAI-protocol search server URL, e.g. opt-search-server; none: no search")
     flag("--metaseq-server-timeout", type=float, default=AgentConfig.server_timeout_s,
@@ -88,6 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
          help="seconds one search request may take; a failed search only leaves the turn "
               "without documents (default %(default)s)")
     flag("--api-key", default=None, help="bearer token (default: the --user name)")
+    group = p.add_argument_group("BlenderBot 1 (instead of BB3's servers)")
+    flag("-mf", "--model-file", default=None, metavar="PATH",
+         help="chat with a BlenderBot 1: a ParlAI model file, zoo:blender/... or an HF "
+              "folder, run in this process (not with --opt-server)")
+    flag("--datapath", default=None, metavar="DIR",
+         help="ParlAI's data folder, where zoo: paths live (default $PARLAI_DATAPATH)")
+    flag("--server", default=None, metavar="URL",
+         help="with -mf: reach the model through opt-serve --model-file's chat route "
+              "instead of loading it here")
+    flag("--persona-file", default=None, metavar="FILE",
+         help="with -mf: the bot's persona, one fact per line (also --persona TEXT)")
+    for name, kind, what in PARLAI_OPTIONS:
+        flag(f"--{name.replace('_', '-')}", type=kind, default=None, dest=name,
+             help=f"with -mf: ParlAI's {name} ({what}; default: the model's .opt)")
     group = p.add_argument_group("pipeline")
     for name in ("search", "memory", "contextual-knowledge"):
         flag(f"--{name}-decision", choices=DECISIONS, default=AgentConfig.search_decision,
@@ -142,7 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def config_from_args(args: argparse.Namespace) -> AgentConfig:
     return AgentConfig(
-        opt_server=args.opt_server, raw_search_server=args.raw_search_server,
+        opt_server=args.opt_server or AgentConfig.opt_server,
+        raw_search_server=args.raw_search_server,
         search_decision=args.search_decision, memory_decision=args.memory_decision,
         skip_memory_decision_without_memories=args.skip_memory_decision_without_memories,
         forget_on_done=args.forget_on_done,
@@ -246,6 +273,14 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{n} conversations written to {args.export_parlai}")
         return 0
+    if args.model_file is not None:
+        if args.opt_server is not None:
+            print("safe_interactive: -mf (BlenderBot 1) and --opt-server (BlenderBot 3) are "
+                  "two different bots: pass one of them", file=sys.stderr)
+            return 2
+        from agents.blender1 import run
+
+        return run(args, _messages(args.script, sys.stdout))
     if args.metaseq_max_retry_api < 0:
         print(f"safe_interactive: retries are bounded here; using {DEFAULT_RETRIES}",
               file=sys.stderr)

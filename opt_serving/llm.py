@@ -67,6 +67,8 @@ def prompt_list(prompts) -> list[Prompt]:
 
 class LLM:
     """Load ``checkpoint`` (a folder of model-parallel parts, as opt-serve takes) and generate.
+    A BlenderBot 1 (a ParlAI model file, a ``zoo:`` path, an HF Blenderbot folder) gives a
+    ``blenderbot.llm.BlenderbotLLM`` instead, which takes ParlAI's options.
 
     ``mp``: degree to run at (default: the number of parts); ``device`` / ``dtype`` as
     opt-serve's flags; ``kv_tokens``: KV-cache positions per rank; ``max_seq_len``: positions a
@@ -75,6 +77,15 @@ class LLM:
     decode steps as CUDA graphs on a GPU (opt-serve's ``--no-cuda-graphs``). At ``mp`` > 1 it spawns
     worker processes, which import the calling script again: create the LLM under
     ``if __name__ == "__main__":``."""
+
+    def __new__(cls, checkpoint: str = "", **kwargs):
+        from .blenderbot.files import is_blenderbot
+
+        if cls is LLM and is_blenderbot(checkpoint):
+            from .blenderbot.llm import BlenderbotLLM
+
+            return BlenderbotLLM(checkpoint, **kwargs)  # not an LLM: __init__ is not run
+        return super().__new__(cls)
 
     def __init__(self, checkpoint: str, *, mp: int | None = None, device: str | None = None,
                  dtype: str | None = None, kv_tokens: int | None = None,

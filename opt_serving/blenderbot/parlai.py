@@ -139,6 +139,14 @@ class ByteLevelDictionary:
         unk = self.ids["__unk__"]
         return [self.ids.get(piece, unk) for piece in self._bpe.encode(text).tokens]
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """ParlAI's ``vec2txt`` for bytelevelbpe: the pieces' bytes, the added leading space
+        removed (specials and padding rows decode to nothing)."""
+        vocab = self._bpe.get_vocab()
+        bpe = [vocab[t] for t in (self.tokens[i] for i in ids if 0 <= i < len(self.tokens))
+               if t in vocab]
+        return self._bpe.decode(bpe, skip_special_tokens=False).lstrip(" ")
+
 
 class SubwordDictionary:
     """ParlAI's dictionary for the 90M (``dict_tokenizer bpe``): text lower-cased, newlines
@@ -205,6 +213,15 @@ class SubwordDictionary:
     def encode(self, text: str) -> list[int]:
         unk = self.ids["__unk__"]
         return [self.ids.get(piece, unk) for piece in self.pieces(text)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """ParlAI's ``vec2txt`` for bpe: pieces joined by spaces, ``@@ `` joins removed,
+        ``__newln__`` back to a newline."""
+        text = " ".join(self.tokens[i] for i in ids if 0 <= i < len(self.tokens))
+        text = text.replace("@@ ", "")
+        if text.endswith("@@"):
+            text = text[:-2]
+        return text.replace("__newln__", "\n")
 
 
 def dictionary_beside(path: Path, opt: dict):

@@ -77,6 +77,7 @@ class BeamState:
     finished: list[tuple[list[int], float]] = field(default_factory=list)  # (tokens, score)
     eos_top: bool = False
     steps: int = 0
+    beams: list[int] = field(default_factory=list)  # the last step's source beam per row
 
     def __post_init__(self):
         self.hyps = [[START_ID] for _ in range(self.options.width)]
@@ -112,6 +113,7 @@ class BeamState:
             scores, idx = torch.topk(flat, k)
             beams, tokens = idx // logprobs.shape[-1], idx % logprobs.shape[-1]
         beams, tokens = beams.tolist(), tokens.tolist()
+        self.beams = beams  # a cached decoder reorders its rows' histories by these
         self.hyps = [self.hyps[b] + [t] for b, t in zip(beams, tokens)]
         self.scores = scores.clone()
         self.steps += 1

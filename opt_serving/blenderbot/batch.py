@@ -1,0 +1,143 @@
+"""Cached decoding for many beam groups at once: the encoder once per request, its
+cross-attention keys and values once per group (not per beam), every live beam's next token in
+one decoder forward per step.
+
+Slots: the batch holds up to ``groups`` requests of up to ``beams`` rows each. A request owns
+one group slot; its k <= ``beams`` hypotheses are rows 0..k-1 of it. The decoder's keys and
+values live in one tensor per kind, (L, groups, beams, H, T, hd), so a step runs on the first G
+group slots and the first kb rows, a view, and ParlAI's beam reordering
+(``reorder_decoder_incremental_state``) is one gather for all layers. Requests are kept packed at
+the front: when one leaves, the last moves into its slot.
+
+Why not the paged OPT cache with shared blocks: these decoders are short (<= 128 tokens, 12 to 32
+layers), and ParlAI reorders a beam's whole history every step; copying at most T x hd per row
+and layer is the same traffic the paged kernel would read, without a block table per beam.
+
+The arithmetic is ``model.py``'s, term for term (q / sqrt(hd) . k, softmax in fp32, the same
+layer norms), so a group's result does not depend on which others share its steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import START_ID, neginf
+from .model import BlenderbotModel
+
+
+class BeamBatch:
+    """The decoder state of up to ``groups`` requests x ``beams`` rows, ``steps`` tokens each,
+    over contexts of up to ``context`` tokens."""
+
+    def __init__(self, model: BlenderbotModel, *, groups: int, beams: int, steps: int,
+                 context: int):
+        cfg = model.cfg
+        self.model, self.cfg = model, cfg
+        param = model.embeddings.weight
+        h, hd = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+        self.heads, self.head_dim = h, hd
+        layers = cfg.num_decoder_layers
+        make = dict(dtype=param.dtype, device=param.device)
+        self.keys = torch.zeros(layers, groups, beams, h, steps, hd, **make)
+        self.values = torch.zeros_like(self.keys)
+        self.cross_keys = torch.zeros(layers, groups, h, context, hd, **make)
+        self.cross_values = torch.zeros_like(self.cross_keys)
+        self.cross_mask = torch.zeros(groups, context, dtype=torch.bool, device=param.device)
+        self.groups, self.beams, self.steps, self.context = groups, beams, steps, context
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    def _split(self, y: torch.Tensor) -> torch.Tensor:
+        """(..., D) -> (..., H, hd)"""
+        return y.view(*y.shape[:-1], self.heads, self.head_dim)
+
+    @torch.inference_mode()
+    def encode(self, slots: list[int], contexts: list[list[int]]) -> None:
+        """Encode new requests (packed into one forward, right-padded) and store each
+        decoder layer's cross-attention keys and values in their group slots."""
+        s = max(len(c) for c in contexts)
+        if s > self.context:
+            raise ValueError(f"a context of {s} tokens is longer than this batch's "
+                             f"{self.context}")
+        tokens = torch.zeros(len(contexts), s, dtype=torch.long, device=self.device)
+        for i, c in enumerate(contexts):
+            tokens[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask = tokens != 0
+        memory = self.model.encode(tokens, mask)  # (n, S, D)
+        at = torch.tensor(slots, device=self.device)
+        for layer, block in enumerate(self.model.decoder.layers):
+            att = block.encoder_attention
+            # (n, S, H, hd) -> (n, H, S, hd)
+            self.cross_keys[layer, at, :, :s] = self._split(att.k_lin(memory)).transpose(1, 2)
+            self.cross_values[layer, at, :, :s] = self._split(att.v_lin(memory)).transpose(1, 2)
+        self.cross_mask[at] = False
+        self.cross_mask[at, :s] = mask
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One decoder step for group slots 0..G-1, rows 0..kb-1: ``tokens`` (G, kb) at
+        ``positions`` (G,) (each group's hypotheses have the same length). Returns the
+        next-token logits (G, kb, V) with ``__start__`` blocked, as ``model.decode``."""
+        cfg, dec = self.cfg, self.model.decoder
+        g, kb = tokens.shape
+        x = self.model.embeddings(tokens) * cfg.embed_scale  # (G, kb, D)
+        if cfg.variant == "xlm":
+            x = dec.norm_embeddings(x)
+        x = x + dec.position_embeddings(positions)[:, None]
+        span = int(positions.max()) + 1  # key positions any group reads this step
+        visible = (torch.arange(span, device=self.device) <= positions[:, None])  # (G, T)
+        visible = visible[:, None, None, None]  # (G, 1, 1, 1, T)
+        cross = self.cross_mask[:g, None, None, None]  # (G, 1, 1, 1, S)
+        rows = (torch.arange(g, device=self.device)[:, None],
+                torch.arange(kb, device=self.device)[None])
+        for layer, block in enumerate(dec.layers):
+            pre = block.pre
+            h = block.norm1(x) if pre else x
+            att = block.self_attention
+            q = self._split(att.q_lin(h))  # (G, kb, H, hd)
+            self.keys[layer][(*rows, slice(None), positions[:, None])] = self._split(att.k_lin(h))
+            self.values[layer][(*rows, slice(None), positions[:, None])] = \
+                self._split(att.v_lin(h))
+            y = self._attend(q, self.keys[layer, :g, :kb, :, :span],
+                             self.values[layer, :g, :kb, :, :span], visible)
+            y = att.out_lin(y)
+            x = x + y if pre else block.norm1(x + y)
+            h = block.norm2(x) if pre else x
+            att = block.encoder_attention
+            q = self._split(att.q_lin(h))
+            y = att.out_lin(self._attend(q, self.cross_keys[layer, :g, None],
+                                         self.cross_values[layer, :g, None], cross))
+            x = x + y if pre else block.norm2(x + y)
+            x = x + block.ffn(block.norm3(x)) if pre else block.norm3(x + block.ffn(x))
+        if cfg.variant == "prelayernorm":
+            x = dec.norm_embeddings(x)
+        logits = torch.nn.functional.linear(x, self.model.embeddings.weight)
+        logits[..., START_ID] = neginf(logits.dtype)
+        return logits
+
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
+        """q (G, kb, H, hd) over keys/values (G, kb or 1, H, T, hd) where ``visible``
+        (G, 1, 1, 1, T) -> (G, kb, D), as ``model.MultiHeadAttention``."""
+        scores = (q / math.sqrt(self.head_dim))[..., None, :] @ keys.transpose(-1, -2)
+        scores = scores.masked_fill(~visible, float("-inf"))  # (G, kb, H, 1, T)
+        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
+        return (weights @ values).flatten(2)  # (G, kb, H, 1, hd) -> (G, kb, D)
+
+    def reorder(self, sources: torch.Tensor, span: int) -> None:
+        """Row j of each group slot takes the history of its row ``sources[g, j]`` (G, kb),
+        the first ``span`` positions of every layer (ParlAI's beam reordering)."""
+        g, kb = sources.shape
+        at = torch.arange(g, device=self.device)[:, None]
+        for cache in (self.keys, self.values):
+            cache[:, :g, :kb, :, :span] = cache[:, at, sources, :, :span]
+
+    def move(self, src: int, dst: int) -> None:
+        """Group slot ``src``'s whole state into slot ``dst`` (keeping requests packed)."""
+        for cache in (self.keys, self.values, self.cross_keys, self.cross_values):
+            cache[:, dst] = cache[:, src]
+        self.cross_mask[dst] = self.cross_mask[src]

@@ -1,0 +1,148 @@
+"""``LLM(PATH)`` for BlenderBot 1: offline replies from Python with ParlAI's options.
+
+    from opt_serving import LLM
+
+    llm = LLM("zoo:blender/blender_400Mdistill/model", datapath="/data/parlai")
+    (reply,) = llm.generate("your persona: i like hiking.\\nhi! how are you?")
+    reply.text, reply.token_ids, reply.nbest[0].rescored
+
+``generate`` takes texts (one message each, made into ParlAI's history vector with the
+model's ``delimiter``, global end token and ``text_truncate``) or token-id lists (the whole
+encoder input), and the generation options under ParlAI's names; the defaults are the model
+file's ``.opt``, else the gen/blenderbot recipe. Requests run through the batching engine
+(``engine.BeamEngine``) together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from opt_serving.config import DTYPES
+from opt_serving.protocol import RequestError
+
+from . import files
+from .engine import BeamEngine
+from .search import Hypothesis, SearchOptions
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One finished reply of the n-best list."""
+
+    text: str
+    token_ids: tuple[int, ...]  # the end token excluded
+    score: float  # summed log-prob
+    rescored: float  # score / ((len + 2) / 6) ** beam_length_penalty: what ranks them
+
+
+@dataclass(frozen=True)
+class Reply:
+    """The chosen reply (the n-best list's first) and the whole list, best first."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_index: int
+    nbest: tuple[Candidate, ...]
+
+
+def search_options(defaults: SearchOptions, options: dict) -> SearchOptions:
+    """``defaults`` with ``options`` (ParlAI names) applied; TypeError for an unknown name
+    (naming the nearest), ValueError naming the option for a bad value."""
+    unknown = sorted(set(options) - set(files.SEARCH_NAMES))
+    if unknown:
+        near = difflib.get_close_matches(unknown[0], files.SEARCH_NAMES, n=1)
+        raise TypeError(f"unknown option {unknown[0]!r}" + (f"; did you mean {near[0]!r}?"
+                                                              if near else "") +
+                        f" (BlenderBot takes {', '.join(files.SEARCH_NAMES)})")
+    kinds = {"inference": str, "beam_length_penalty": float}
+    for name, value in options.items():
+        kind = kinds.get(name, int)
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            raise ValueError(f"{name} must be {'a string' if kind is str else 'a number' if kind is float else 'an integer'}, got {value!r}")
+        if name == "beam_length_penalty" and not math.isfinite(value):
+            raise ValueError(f"beam_length_penalty must be finite, got {value!r}")
+        if kind is int and name.startswith("beam_") and name != "beam_size" and value < -1:
+            raise ValueError(f"{name} must be -1 (off) or more, got {value!r}")
+    try:
+        return dataclasses.replace(defaults, **options)
+    except ValueError as e:
+        raise ValueError(str(e)) from None
+
+
+class BlenderbotLLM:
+    """A BlenderBot 1 model and its batching engine. ``opt``: ParlAI options replacing the
+    file's (as ParlAI's command line: ``delimiter``, ``text_truncate``, ``beam_size``...);
+    ``max_batch``: requests decoded together; ``device`` / ``dtype`` as opt-serve's."""
+
+    def __init__(self, path: str, *, device: str | None = None, dtype: str | None = None,
+                 datapath: str | None = None, opt: dict | None = None, max_batch: int = 32,
+                 max_beams: int | None = None):
+        loaded = files.load(path, datapath=datapath, overrides=opt)
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = loaded.model.to(dev)
+        if dtype:
+            if dtype not in DTYPES:
+                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+            model = model.to(DTYPES[dtype])
+        self.loaded, self.model, self.name = loaded, model, loaded.name
+        self.tokenizer, self.history, self.defaults = (loaded.tokenizer, loaded.history,
+                                                       loaded.search)
+        cfg = model.cfg
+        self.engine = BeamEngine(
+            model, max_groups=max_batch, max_beams=max_beams or max(10, self.defaults.width),
+            max_tokens=cfg.max_positions, context=min(self.history.truncate or
+                                                      cfg.max_positions, cfg.max_positions))
+
+    def history_vector(self, turns: Sequence[str]) -> list[int]:
+        """ParlAI's encoder input for a conversation (persona lines first, then the turns)."""
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer files (vocab.json, "
+                             "merges.txt): send token ids")
+        return self.history.vector(self.tokenizer, turns)
+
+    def encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self.history_vector([prompt])
+        if isinstance(prompt, (list, tuple)) and prompt and all(
+                isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise TypeError("a prompt is a string (one message) or a list of token ids (the "
+                        f"whole encoder input); got {type(prompt).__name__}")
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
+
+    def generate(self, prompts, **options) -> list[Reply]:
+        """One reply per prompt, in order, with its n-best list."""
+        search = search_options(self.defaults, options)
+        single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                              and isinstance(prompts[0], int))
+        contexts = [self.encode(p) for p in ([prompts] if single else list(prompts))]
+        for c in contexts:
+            try:
+                self.engine.check(c, search)
+            except RequestError as e:
+                raise ValueError(e.message) from None
+        results = self.engine.run(contexts, search)
+        return [self.reply(i, hyps) for i, hyps in enumerate(results)]
+
+    def reply(self, index: int, hyps: Sequence[Hypothesis]) -> Reply:
+        nbest = tuple(Candidate(self.decode(h.tokens), h.tokens, h.score, h.rescored)
+                      for h in hyps)
+        return Reply(nbest[0].text, nbest[0].token_ids, index, nbest)
+
+    def close(self) -> None:
+        pass  # one process, nothing to stop: here for LLM's interface
+
+    def __enter__(self) -> "BlenderbotLLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
