@@ -16,6 +16,7 @@ from typing import Callable, Sequence
 
 from agents.safety import UNSAFE_INPUT_MESSAGE, UNSAFE_REPLY_MESSAGE, SafetyChecker
 from opt_serving.checkpoint.errors import CheckpointError
+from opt_serving.protocol.seq2seq import persona_text
 
 BOT_PREFIX = "[TransformerGenerator]: "
 Generate = Callable[[Sequence[str]], str]  # the conversation's turns -> the bot's reply
@@ -26,14 +27,6 @@ class Turn:
     text: str  # the reply, or ParlAI's message when status is not "ok"
     status: str  # "ok", "unsafe_input" or "unsafe_reply"
     reasons: tuple[str, ...] = ()
-
-
-def persona_text(persona: Sequence[str]) -> str:
-    """ParlAI's persona lines: ``your persona: <fact>`` each (a line already so prefixed is
-    kept as it is)."""
-    lines = [p.strip() for p in persona if p.strip()]
-    return "\n".join(p if p.startswith("your persona:") else f"your persona: {p}"
-                     for p in lines)
 
 
 class Blender1Chat:

@@ -25,9 +25,11 @@ import torch
 
 from opt_serving.config import DTYPES
 from opt_serving.protocol import RequestError
+from opt_serving.protocol.seq2seq import Finished
 
 from . import files
 from .engine import BeamEngine
+from .model import BlenderbotModel
 from .search import Hypothesis, SearchOptions
 
 
@@ -76,29 +78,14 @@ def search_options(defaults: SearchOptions, options: dict) -> SearchOptions:
         raise ValueError(str(e)) from None
 
 
-class BlenderbotLLM:
-    """A BlenderBot 1 model and its batching engine. ``opt``: ParlAI options replacing the
-    file's (as ParlAI's command line: ``delimiter``, ``text_truncate``, ``beam_size``...);
-    ``max_batch``: requests decoded together; ``device`` / ``dtype`` as opt-serve's."""
+class Codec:
+    """Text in and out for one model: a prompt or a conversation to the encoder's input
+    (ParlAI's history vector), ids to text (ParlAI's vec2txt), n-best lists to ``Finished``."""
 
-    def __init__(self, path: str, *, device: str | None = None, dtype: str | None = None,
-                 datapath: str | None = None, opt: dict | None = None, max_batch: int = 32,
-                 max_beams: int | None = None):
-        loaded = files.load(path, datapath=datapath, overrides=opt)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model = loaded.model.to(dev)
-        if dtype:
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-            model = model.to(DTYPES[dtype])
-        self.loaded, self.model, self.name = loaded, model, loaded.name
+    def __init__(self, loaded: files.Loaded, context: int):
         self.tokenizer, self.history, self.defaults = (loaded.tokenizer, loaded.history,
                                                        loaded.search)
-        cfg = model.cfg
-        self.engine = BeamEngine(
-            model, max_groups=max_batch, max_beams=max_beams or max(10, self.defaults.width),
-            max_tokens=cfg.max_positions, context=min(self.history.truncate or
-                                                      cfg.max_positions, cfg.max_positions))
+        self.context = context  # encoder tokens at most
 
     def history_vector(self, turns: Sequence[str]) -> list[int]:
         """ParlAI's encoder input for a conversation (persona lines first, then the turns)."""
@@ -119,6 +106,27 @@ class BlenderbotLLM:
     def decode(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids) if self.tokenizer is not None else ""
 
+    def finished(self, hyps: Sequence[Hypothesis]) -> list[Finished]:
+        return [Finished(self.decode(h.tokens), h.tokens, h.score, h.rescored, h.ended)
+                for h in hyps]
+
+
+class BlenderbotLLM:
+    """A BlenderBot 1 model and its batching engine. ``opt``: ParlAI options replacing the
+    file's (as ParlAI's command line: ``delimiter``, ``text_truncate``, ``beam_size``...);
+    ``max_batch``: requests decoded together; ``device`` / ``dtype`` as opt-serve's."""
+
+    def __init__(self, path: str, *, device: str | None = None, dtype: str | None = None,
+                 datapath: str | None = None, opt: dict | None = None, max_batch: int = 32,
+                 max_beams: int | None = None):
+        self.loaded = loaded = files.load(path, datapath=datapath, overrides=opt)
+        self.model, self.name = to_device(loaded.model, device, dtype), loaded.name
+        self.engine = build_engine(self.model, loaded, max_batch, max_beams)
+        self.codec = Codec(loaded, self.engine.context)
+        self.tokenizer, self.history, self.defaults = (loaded.tokenizer, loaded.history,
+                                                       loaded.search)
+        self.history_vector, self.encode = self.codec.history_vector, self.codec.encode
+
     def generate(self, prompts, **options) -> list[Reply]:
         """One reply per prompt, in order, with its n-best list."""
         search = search_options(self.defaults, options)
@@ -134,8 +142,8 @@ class BlenderbotLLM:
         return [self.reply(i, hyps) for i, hyps in enumerate(results)]
 
     def reply(self, index: int, hyps: Sequence[Hypothesis]) -> Reply:
-        nbest = tuple(Candidate(self.decode(h.tokens), h.tokens, h.score, h.rescored)
-                      for h in hyps)
+        nbest = tuple(Candidate(f.text, f.token_ids, f.score, f.rescored)
+                      for f in self.codec.finished(hyps))
         return Reply(nbest[0].text, nbest[0].token_ids, index, nbest)
 
     def close(self) -> None:
@@ -146,3 +154,26 @@ class BlenderbotLLM:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def to_device(model: BlenderbotModel, device: str | None, dtype: str | None):
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = model.to(dev)
+    if dtype:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        model = model.to(DTYPES[dtype])
+    return model
+
+
+def build_engine(model: BlenderbotModel, loaded: files.Loaded, max_batch: int,
+                 max_beams: int | None) -> BeamEngine:
+    """The engine for ``model``: ``max_batch`` group slots of ``max_beams`` rows (default: 10,
+    or the model's own beam size when larger), the model's positions as the reply limit and
+    the history's truncation as the context."""
+    cfg = model.cfg
+    return BeamEngine(model, max_groups=max_batch,
+                      max_beams=max_beams or max(10, loaded.search.width),
+                      max_tokens=cfg.max_positions,
+                      context=min(loaded.history.truncate or cfg.max_positions,
+                                  cfg.max_positions))

@@ -64,6 +64,7 @@ class Hypothesis:
     tokens: tuple[int, ...]
     score: float
     rescored: float
+    ended: bool = True  # False: cut at max_tokens (its last token replaced by the end)
 
 
 @dataclass
@@ -126,15 +127,16 @@ class BeamState:
 
     def results(self) -> list[Hypothesis]:
         """The n-best list, best first (rescored by length)."""
-        finished = list(self.finished)
+        finished, ended = list(self.finished), True
         if not finished:  # forced end: beam 0's last token becomes the end
             finished = [(self.hyps[0][:-1] + [END_ID], float(self.scores[0]))]
+            ended = False
         lp = self.options.beam_length_penalty
         out = []
         for hyp, score in finished:
             length = len(hyp) - 1  # the reply's tokens, the end included
             rescored = score / ((length + 2) / 6) ** lp
-            out.append(Hypothesis(tuple(hyp[1:-1]), score, rescored))
+            out.append(Hypothesis(tuple(hyp[1:-1]), score, rescored, ended))
         return sorted(out, key=lambda h: -h.rescored)
 
 

@@ -25,12 +25,13 @@ log = logging.getLogger("opt_serve.http")
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # load balancers send no key
 
 
-def create_app(service: Service) -> Flask:
+def create_app(service: Service, routes=ROUTES) -> Flask:
+    """The app over ``service``: OPT's routes, or ``blender.BLENDER_ROUTES`` (BlenderBot 1)."""
     app = Flask("opt_serve")
     metrics = Metrics(service.engine)
     app.extensions["opt_serve"] = service
     app.extensions["opt_serve_metrics"] = metrics
-    for route in ROUTES:
+    for route in routes:
         for path in route.paths:
             app.add_url_rule(path, f"{route.name}:{path}", route.view, methods=[route.method])
     _errors(app)

@@ -57,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-folder", metavar="DIR",
                    help="folder (or <folder>/reshard.pt, or one file) of the checkpoint; "
                    "default: CHECKPOINT_FOLDER of --constants")
+    p.add_argument("--model-file", metavar="PATH", help="serve a BlenderBot 1 instead: a "
+                   "ParlAI model file, zoo:blender/blender_3B/model (under --datapath) or a "
+                   "Hugging Face Blenderbot folder; routes /v1/completions, "
+                   "/v1/chat/completions, /tokenize (prompt or messages), /v1/models and the "
+                   "health and metrics routes, with ParlAI's option names")
+    p.add_argument("--datapath", metavar="DIR", help="ParlAI's data folder, where zoo: paths "
+                   "live (default $PARLAI_DATAPATH)")
     p.add_argument("--host", help=f"address to bind (default {DEFAULTS.default_host}; "
                    "0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=int, help=f"TCP port (default {DEFAULTS.default_port}; 0 "
@@ -162,8 +169,41 @@ def options_from_args(args: argparse.Namespace):
         seq_len_given=constants.max_seq_len != DEFAULTS.max_seq_len or args.max_seq_len is not None)
 
 
+def serve_model_file(args: argparse.Namespace) -> int:
+    """``--model-file``: BlenderBot 1 (``server.blender``)."""
+    from opt_serving.checkpoint.errors import CheckpointError
+    from opt_serving.runtime.startup import configure_logging
+    from .blender import BlenderServeOptions, serve_blenderbot
+
+    if args.checkpoint_folder:
+        print("opt-serve: --model-file (BlenderBot 1) and --checkpoint-folder (OPT) name two "
+              "models: pass one of them", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    constants = from_module(args.constants) if args.constants else DEFAULTS
+    overrides = {k: v for k, v in {
+        "max_queued_requests": args.max_queued_requests,
+        "request_timeout_s": args.request_timeout, "client_read_timeout_s": args.read_timeout,
+        "max_batch_size": args.max_batch_size}.items() if v is not None}
+    options = BlenderServeOptions(
+        model_file=args.model_file, datapath=args.datapath,
+        constants=dataclasses.replace(constants, **overrides),
+        host=args.host or constants.default_host,
+        port=constants.default_port if args.port is None else args.port,
+        api_key=args.api_key or os.environ.get("OPT_SERVE_API_KEY") or None,
+        device=args.device, dtype=args.dtype, model_name=args.model_name,
+        ready_file=args.ready_file, threads=args.threads)
+    configure_logging(0, args.log_level)
+    try:
+        return serve_blenderbot(options)
+    except (CheckpointError, ValueError, OSError) as e:
+        print(f"opt-serve: {_paragraph(str(e))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.model_file:
+        return serve_model_file(args)
     from opt_serving.runtime.startup import StartupError
     from .serve import serve
 
