@@ -133,6 +133,13 @@ def all_parsers() -> list[argparse.ArgumentParser]:
 
 def _run_reshard(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from opt_serving.blenderbot.files import is_blenderbot
+
+    for path in args.inputs:
+        if is_blenderbot(path):
+            raise CheckpointError(path, "is a BlenderBot 1, which runs on one device: there is "
+                                  "nothing to reshard", "serve it with `opt-serve --model-file "
+                                  f"{path}` (see `reshard inspect {path}`)")
     # While it writes, a signal only asks it to stop: reshard stops between tensors (raising
     # in the middle of torch's zip writer would abort the process, leaving files behind).
     cancel, received = threading.Event(), []

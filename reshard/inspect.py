@@ -54,6 +54,10 @@ def inspect_path(path: str) -> dict:
     A single part or shard file is described on its own; anything else is grouped into
     parts[r][shard] by ``discover``, which also reports missing parts.
     """
+    from opt_serving.blenderbot.files import describe, is_blenderbot
+
+    if is_blenderbot(path):  # nothing to reshard: described for what it is
+        return describe(path)
     single = os.path.isfile(path)
     files = [[path]] if single else discover([path])
     first = files[0][0]
@@ -144,6 +148,8 @@ def _count(n: int) -> str:
 
 
 def format_report(r: dict) -> str:
+    if r.get("blenderbot"):
+        return _format_blenderbot(r)
     c = r["config"]
     itemsize = DTYPE_SIZES[r["dtype"]].weight_bytes if r["dtype"] in DTYPE_SIZES else 2
     preset = (f"{r['closest_preset']} (exact)" if r["exact_preset"]
@@ -181,5 +187,31 @@ def format_report(r: dict) -> str:
                      f"written by reshard: mp{m['mp']}, {m['dtype']}, {m['parts']} "
                      f"part{'s' if m['parts'] != 1 else ''} "
                      f"(check with `reshard verify`)"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join([r["path"]] + [f"  {k:<{width}}  {v}" for k, v in rows])
+
+
+def _format_blenderbot(r: dict) -> str:
+    c, g, h = r["config"], r["generation"], r["history"]
+    rows = [
+        ("kind", f"BlenderBot 1, {r['kind']}"),
+        ("model", f"{r['model']}: {r['variant']}, {c['encoder_layers']} encoder + "
+                  f"{c['decoder_layers']} decoder layers, d={c['embed_dim']}, "
+                  f"{c['num_heads']} heads, ffn {c['ffn_dim']}, vocabulary {c['vocab_size']}, "
+                  f"{c['max_positions']} positions"),
+        ("preset", f"closest {r['closest_preset']}"),
+        ("parameters", f"{_count(r['parameters'])}"),
+        ("dtype", r["dtype"]),
+        ("generation", f"{g['inference']}, beam {g['beam_size']}, min length "
+                       f"{g['beam_min_length']}, n-gram blocking {g['beam_block_ngram']} / "
+                       f"context {g['beam_context_block_ngram']}, length penalty "
+                       f"{g['beam_length_penalty']}, {g['max_tokens']} tokens"),
+        ("history", f"delimiter {h['delimiter']!r}, end token {'added' if h['add_end'] else 'not added'}, "
+                    f"truncated to {h['truncate'] or 'no limit'}"),
+        ("files", ", ".join(r["files"]) or "-"),
+        ("size on disk", _size(r["bytes_on_disk"])),
+        ("resharding", "not needed: it runs on one device (serve it with opt-serve "
+                       "--model-file, chat with safe_interactive -mf)"),
+    ]
     width = max(len(k) for k, _ in rows)
     return "\n".join([r["path"]] + [f"  {k:<{width}}  {v}" for k, v in rows])

@@ -51,6 +51,21 @@ class BlenderbotConfig:
     def embed_scale(self) -> float:
         return math.sqrt(self.embed_dim) if self.embeddings_scale else 1.0
 
+    def param_count(self) -> int:
+        """Parameters of ``model.BlenderbotModel`` (one shared embedding), by arithmetic."""
+        d, f = self.embed_dim, self.ffn_dim
+        attention, ffn, norm = 4 * (d * d + d), d * f + f + f * d + d, 2 * d
+        encoder = self.num_encoder_layers * (attention + ffn + 2 * norm)
+        decoder = self.num_decoder_layers * (2 * attention + ffn + 3 * norm)
+        embeddings = self.vocab_size * d + 2 * self.max_positions * d + 2 * norm
+        return embeddings + encoder + decoder
+
+    def kv_bytes(self, beams: int, steps: int, context: int, itemsize: int) -> int:
+        """The decoder cache of one request: keys and values of ``beams`` x ``steps`` reply
+        positions, and of the ``context`` encoder positions once (cross-attention)."""
+        return 2 * self.num_decoder_layers * self.embed_dim * itemsize * \
+            (beams * steps + context)
+
 
 PRESETS = {c.name: c for c in (
     BlenderbotConfig("blender-90m", "xlm", 512, 8, 8, 16, 2048, 54944, 512),

@@ -8,6 +8,7 @@ encoder's input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -165,3 +166,74 @@ def _hf_tokenizer(folder: Path):
     if config.get("model_type") == "blenderbot" and vocab.is_file() and merges.is_file():
         return HFByteLevel(vocab, merges)
     return None
+
+
+def describe(path: str | os.PathLike, *, datapath: str | None = None) -> dict:
+    """What a BlenderBot file or folder holds, without reading its weights (``reshard
+    inspect``): the architecture, the closest preset, parameters, dtype, the generation and
+    history options, the dictionary files and the bytes on disk."""
+    from opt_serving.checkpoint import torch_file
+
+    from .config import PRESETS
+    from .hf import ARCHITECTURES, config_from_hf
+
+    where = resolve(path, datapath)
+    if where.is_dir():
+        hf = json.loads((where / "config.json").read_text(encoding="utf-8"))
+        cfg = config_from_hf(hf, where.name)
+        weights = [p for p in (where / "model.safetensors", where / "pytorch_model.bin")
+                   if p.is_file()]
+        dtypes = _safetensors_dtypes(weights[0]) if weights and \
+            weights[0].suffix == ".safetensors" else _torch_dtypes(weights[0]) if weights \
+            else []
+        kind = "Hugging Face " + next((a for a in hf.get("architectures") or ()
+                                       if a in ARCHITECTURES), "Blenderbot") + " folder"
+        extra = [p.name for p in (where / "vocab.json", where / "merges.txt") if p.is_file()]
+        files = weights + [where / "config.json"]
+        opt = _hf_generation(where)
+    else:
+        opt = parlai._read_opt(where)
+        state = torch_file.load(where).get("model") or {}
+        emb = state.get("embeddings.weight")
+        if emb is None:
+            raise CheckpointError(str(where), "holds no BlenderBot weights",
+                                         "pass the model file ParlAI saved")
+        cfg = parlai.config_from_opt(opt, emb.shape[0], where.parent.name or where.name)
+        dtypes = sorted({str(t.dtype).removeprefix("torch.")
+                         for name, t in torch_file.tensors(state) if name != "START"})
+        kind = "ParlAI model file (" + opt.get("model", "transformer/generator") + ")"
+        files = [p for p in where.parent.glob(where.name + "*") if p.is_file()]
+        extra = sorted(p.name for p in files if p.name != where.name)
+    closest = min(PRESETS.values(), key=lambda p: abs(p.param_count() - cfg.param_count()))
+    search = parlai.search_options(opt)
+    return {
+        "blenderbot": True, "path": str(path), "kind": kind, "model": cfg.name, "variant": cfg.variant,
+        "config": {"encoder_layers": cfg.num_encoder_layers,
+                   "decoder_layers": cfg.num_decoder_layers, "embed_dim": cfg.embed_dim,
+                   "num_heads": cfg.num_heads, "ffn_dim": cfg.ffn_dim,
+                   "vocab_size": cfg.vocab_size, "max_positions": cfg.max_positions},
+        "closest_preset": closest.name, "parameters": cfg.param_count(),
+        "dtype": dtypes[0] if len(dtypes) == 1 else " + ".join(dtypes) or "unknown",
+        "generation": dataclasses.asdict(search),
+        "history": dataclasses.asdict(History.from_opt(opt)),
+        "files": extra, "bytes_on_disk": sum(p.stat().st_size for p in files),
+    }
+
+
+def _safetensors_dtypes(path: Path) -> list[str]:
+    """dtypes from a safetensors header (its first 8 bytes are the header's length)."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n > 100 << 20:
+            return []
+        header = json.loads(f.read(n))
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    return sorted({names.get(v.get("dtype"), str(v.get("dtype")).lower())
+                   for k, v in header.items() if k != "__metadata__"})
+
+
+def _torch_dtypes(path: Path) -> list[str]:
+    from opt_serving.checkpoint import torch_file
+
+    return sorted({str(t.dtype).removeprefix("torch.")
+                   for _, t in torch_file.tensors(torch_file.load(path))})

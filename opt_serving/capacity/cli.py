@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
             workspace - reserve, per GPU. Exit status: 0 fits, 1 does not fit, 2 bad input.
             GPUs: """) + ", ".join(CATALOGUE))
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", metavar="PRESET", help="a model preset, e.g. bb3-30b")
+    src.add_argument("--model", metavar="PRESET", help="a model preset, e.g. bb3-30b, or a "
+                     "BlenderBot 1: blender-90m, blender-400m-distill, blender-1b-distill, "
+                     "blender-3b, blender-9b (one GPU; --beam-size, --reply-tokens, --context "
+                     "in encoder tokens, --concurrency in requests)")
     src.add_argument("--checkpoint-folder", "--checkpoint", metavar="PATH",
                      help="a checkpoint folder or file: only its config is read")
     p.add_argument("--gpu", metavar="NAME", help="a catalogue GPU (listed below; default "
@@ -71,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fraction of the bandwidth bound decode reaches (default 0.75)")
     p.add_argument("--allreduce-us", type=float, default=DEFAULT_ALLREDUCE_US, metavar="US",
                    help="latency of one all-reduce when split (default 64)")
+    p.add_argument("--beam-size", type=int, default=10, metavar="K",
+                   help="BlenderBot 1: beams per request (default 10, gen/blenderbot's)")
+    p.add_argument("--reply-tokens", type=int, metavar="N",
+                   help="BlenderBot 1: reply tokens at most (default: the model's positions)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--plot", metavar="FILE", help="write a PNG to FILE: memory per GPU by "
                    "degree, and tokens/s against batch size (its path is printed)")
@@ -215,8 +222,33 @@ def write_plot(p: CapacityPlan, path: str) -> None:
     plt.close(fig)
 
 
+def seq2seq_main(args) -> int:
+    """``--model blender-*``: BlenderBot 1 on one GPU (``capacity.seq2seq``)."""
+    from .seq2seq import Seq2SeqRequest, format_seq2seq, plan_seq2seq, seq2seq_preset
+
+    try:
+        if args.mp not in (None, 1):
+            raise CapacityError("BlenderBot 1 runs on one GPU (9.4B is 18.8 GB in fp16): "
+                                "--mp does not apply")
+        result = plan_seq2seq(Seq2SeqRequest(
+            cfg=seq2seq_preset(args.model), gpu=_gpu(args), dtype=args.dtype,
+            beams=args.beam_size, context=args.context, reply=args.reply_tokens,
+            concurrency=args.concurrency, utilisation=args.utilisation,
+            reserve_bytes=int(args.reserve_gib * GIB), efficiency=args.efficiency))
+    except (KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+        print(f"opt-capacity: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(result.to_dict(), indent=2) if args.json else format_seq2seq(result))
+    return EXIT_FITS if result.fits else EXIT_DOES_NOT_FIT
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from .seq2seq import is_seq2seq
+
+    if args.model and is_seq2seq(args.model):
+        return seq2seq_main(args)
     try:
         result = plan(request_from_args(args))
     except (KeyError, ValueError) as e:  # unknown names; CapacityError and bad figures
