@@ -73,25 +73,10 @@ def test_a_zoo_path_resolves_under_the_datapath_and_names_missing_files(tmp_path
 
 
 def test_an_hf_folder_gives_the_same_replies_from_token_ids(llm, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    import torch
+    pytest.importorskip("transformers")
+    from opt_serving.blenderbot.hf import to_hf
 
-    from opt_serving.blenderbot.hf import parlai_name
-
-    model = llm.model
-    cfg = model.cfg
-    hc = transformers.BlenderbotConfig(
-        vocab_size=cfg.vocab_size, d_model=cfg.embed_dim, encoder_layers=cfg.num_encoder_layers,
-        decoder_layers=cfg.num_decoder_layers, encoder_attention_heads=cfg.num_heads,
-        decoder_attention_heads=cfg.num_heads, encoder_ffn_dim=cfg.ffn_dim,
-        decoder_ffn_dim=cfg.ffn_dim, max_position_embeddings=cfg.max_positions,
-        scale_embedding=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1)
-    hf = transformers.BlenderbotForConditionalGeneration(hc)
-    ours = model.state_dict()
-    hf.load_state_dict({n: ours[parlai_name(n, cfg)] if parlai_name(n, cfg) else
-                        torch.zeros_like(t) if n == "final_logits_bias" else
-                        ours["embeddings.weight"] for n, t in hf.state_dict().items()})
+    hf = to_hf(llm.model)
     hf.save_pretrained(tmp_path)
     folder = LLM(str(tmp_path))
     turn = RECORDED["conversations"][0]["turns"][0]
@@ -182,3 +167,15 @@ def test_mf_and_opt_server_are_exclusive_and_a_missing_model_is_named(tmp_path):
     missing = _safe_interactive("-mf", "zoo:blender/blender_90M/model", "--datapath",
                                 str(tmp_path), script=str(tmp_path / "s.txt"))
     assert missing.returncode == 2 and "blender_90M/model.opt" in missing.stderr
+
+
+def test_safe_interactive_mf_with_every_reply_unsafe_clears_and_says_so(tmp_path):
+    """A forced unsafe reply: the classifier at threshold 0 finds every reply unsafe, so each
+    turn prints ParlAI's unsafe-reply text and the history starts again."""
+    (tmp_path / "s.txt").write_text("hi there\nhow are you?\n")
+    done = _safe_interactive("-mf", str(FIXTURES / "tiny" / "model"), "--persona", "i like "
+                             "hiking.", "--safety", "classifier",
+                             "--reply-classifier-threshold", "0", script=str(tmp_path / "s.txt"))
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stdout.splitlines() if not x.startswith("Enter Your Message")]
+    assert lines == [UNSAFE_REPLY_MESSAGE, UNSAFE_REPLY_MESSAGE]

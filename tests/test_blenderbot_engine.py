@@ -154,3 +154,18 @@ def test_a_cancelled_group_frees_its_slot_and_the_others_finish_unchanged():
     assert a.results is None
     assert nbest(b.results)[0][0] == parlais(turns[1])[0][0]
     assert nbest(c.results)[0][0] == parlais(turns[2])[0][0]
+
+
+def test_the_engine_runs_in_bf16_as_the_reference_does():
+    model = _random_model("prelayernorm").to(torch.bfloat16)
+    context = [5, 17, 40, 33, 2]
+    options = SearchOptions(inference="beam", beam_size=4, beam_min_length=3, max_tokens=10)
+    (got,) = BeamEngine(model, max_groups=2, max_beams=4, max_tokens=16).run([context], options)
+    ctx = torch.tensor([context])
+    with torch.no_grad():
+        memory = model.encode(ctx)
+        want = search(lambda p: model.decode(torch.tensor(p), memory.expand(len(p), -1, -1),
+                                             (ctx != 0).expand(len(p), -1))[:, -1],
+                      context, options)
+    assert [list(h.tokens) for h in got][:1] == [list(h.tokens) for h in want][:1]
+    assert all(len(h.tokens) <= 10 for h in got)

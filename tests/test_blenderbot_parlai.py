@@ -112,25 +112,10 @@ def test_hostile_or_mismatched_files_are_refused_clearly(tmp_path, damage, words
 def test_the_same_weights_as_an_hf_folder_give_identical_logits(files, tmp_path):
     """ParlAI's files and an HF folder of the same weights (written here through HF's own
     save_pretrained) load to the same network."""
-    transformers = pytest.importorskip("transformers")
-    from opt_serving.blenderbot.hf import load_folder, parlai_name
+    pytest.importorskip("transformers")
+    from opt_serving.blenderbot.hf import load_folder, to_hf
 
-    cfg = files.model.cfg
-    hc = transformers.BlenderbotConfig(
-        vocab_size=cfg.vocab_size, d_model=cfg.embed_dim, encoder_layers=cfg.num_encoder_layers,
-        decoder_layers=cfg.num_decoder_layers, encoder_attention_heads=cfg.num_heads,
-        decoder_attention_heads=cfg.num_heads, encoder_ffn_dim=cfg.ffn_dim,
-        decoder_ffn_dim=cfg.ffn_dim, max_position_embeddings=cfg.max_positions,
-        scale_embedding=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1)
-    hf = transformers.BlenderbotForConditionalGeneration(hc)
-    ours = files.model.state_dict()
-    state = {}
-    for name, tensor in hf.state_dict().items():
-        mapped = parlai_name(name, cfg)
-        state[name] = (ours[mapped] if mapped else torch.zeros_like(tensor)
-                       if name == "final_logits_bias" else ours["embeddings.weight"])
-    hf.load_state_dict(state)
+    hf = to_hf(files.model)  # HF's own model class, holding the same weights
     hf.save_pretrained(tmp_path)
     loaded = load_folder(tmp_path)
     turn = RECORDED["conversations"][0]["turns"][0]

@@ -91,7 +91,7 @@ class BeamBatch:
         span = int(positions.max()) + 1  # key positions any group reads this step
         visible = (torch.arange(span, device=self.device) <= positions[:, None])  # (G, T)
         visible = visible[:, None, None, None]  # (G, 1, 1, 1, T)
-        cross = self.cross_mask[:g, None, None, None]  # (G, 1, 1, 1, S)
+        cross = self.cross_mask[:g, None, None]  # (G, 1, 1, S)
         rows = (torch.arange(g, device=self.device)[:, None],
                 torch.arange(kb, device=self.device)[None])
         for layer, block in enumerate(dec.layers):
@@ -109,8 +109,8 @@ class BeamBatch:
             h = block.norm2(x) if pre else x
             att = block.encoder_attention
             q = self._split(att.q_lin(h))
-            y = att.out_lin(self._attend(q, self.cross_keys[layer, :g, None],
-                                         self.cross_values[layer, :g, None], cross))
+            y = att.out_lin(self._cross(q, self.cross_keys[layer, :g],
+                                        self.cross_values[layer, :g], cross))
             x = x + y if pre else block.norm2(x + y)
             x = x + block.ffn(block.norm3(x)) if pre else block.norm3(x + block.ffn(x))
         if cfg.variant == "prelayernorm":
@@ -121,12 +121,22 @@ class BeamBatch:
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                 visible: torch.Tensor) -> torch.Tensor:
-        """q (G, kb, H, hd) over keys/values (G, kb or 1, H, T, hd) where ``visible``
-        (G, 1, 1, 1, T) -> (G, kb, D), as ``model.MultiHeadAttention``."""
+        """q (G, kb, H, hd) over each row's own keys/values (G, kb, H, T, hd) where
+        ``visible`` (G, 1, 1, 1, T) -> (G, kb, D), as ``model.MultiHeadAttention``."""
         scores = (q / math.sqrt(self.head_dim))[..., None, :] @ keys.transpose(-1, -2)
         scores = scores.masked_fill(~visible, float("-inf"))  # (G, kb, H, 1, T)
         weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)
         return (weights @ values).flatten(2)  # (G, kb, H, 1, hd) -> (G, kb, D)
+
+    def _cross(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                visible: torch.Tensor) -> torch.Tensor:
+        """q (G, kb, H, hd) over a group's encoder keys/values (G, H, S, hd), the same for
+        every beam, where ``visible`` (G, 1, 1, S) -> (G, kb, D). The beams are the rows of
+        one matmul per group and head: a broadcast over them would copy the keys per beam."""
+        q = (q / math.sqrt(self.head_dim)).transpose(1, 2)  # (G, H, kb, hd)
+        scores = (q @ keys.transpose(-1, -2)).masked_fill(~visible, float("-inf"))
+        weights = torch.softmax(scores.float(), dim=-1).to(values.dtype)  # (G, H, kb, S)
+        return (weights @ values).transpose(1, 2).flatten(2)  # (G, kb, D)
 
     def reorder(self, sources: torch.Tensor, span: int) -> None:
         """Row j of each group slot takes the history of its row ``sources[g, j]`` (G, kb),

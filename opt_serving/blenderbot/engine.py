@@ -12,6 +12,7 @@ worst case (k rows x ``max_tokens`` positions).
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
@@ -56,6 +57,9 @@ class BeamEngine:
         self.waiting: deque[Group] = deque()
         self.running: list[Group] = []  # running[i].slot == i
         self.steps = 0
+        # Time in the beams' cache reordering and in whole steps (host clock: on a GPU these
+        # count launches, not the device's work): what a paged, forking cache would save.
+        self.reorder_seconds = self.step_seconds = 0.0
         self._ids = itertools.count()
 
     @property
@@ -113,6 +117,7 @@ class BeamEngine:
     def step(self) -> list[Group]:
         """Admit, run one decoder step for every running group, advance their searches;
         returns the groups that finished (their ``results`` set)."""
+        started = time.perf_counter()
         self._admit()
         if not self.running:
             return []
@@ -134,10 +139,13 @@ class BeamEngine:
             if g.state.done:
                 done.append(g)
         span = int(positions.max()) + 1
+        reordering = time.perf_counter()
         self.batch.reorder(sources.to(dev), span)
+        self.reorder_seconds += time.perf_counter() - reordering
         for g in done:
             g.results = g.state.results()
             self._leave(g)
+        self.step_seconds += time.perf_counter() - started
         return done
 
     def _leave(self, group: Group) -> None:

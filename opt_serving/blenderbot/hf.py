@@ -134,3 +134,29 @@ def load_folder(folder: str | Path) -> BlenderbotModel:
     model = BlenderbotModel(cfg)
     model.load_state_dict(state_from_hf(state, cfg))
     return model.eval()
+
+
+def to_hf(model: BlenderbotModel):
+    """The same weights as an HF ``BlenderbotForConditionalGeneration`` (prelayernorm) or
+    ``BlenderbotSmallForConditionalGeneration`` (xlm), for tests and benchmarks against HF.
+    Needs ``transformers``."""
+    import transformers
+
+    cfg = model.cfg
+    kind = "BlenderbotSmall" if cfg.variant == "xlm" else "Blenderbot"
+    hc = getattr(transformers, f"{kind}Config")(
+        vocab_size=cfg.vocab_size, d_model=cfg.embed_dim, encoder_layers=cfg.num_encoder_layers,
+        decoder_layers=cfg.num_decoder_layers, encoder_attention_heads=cfg.num_heads,
+        decoder_attention_heads=cfg.num_heads, encoder_ffn_dim=cfg.ffn_dim,
+        decoder_ffn_dim=cfg.ffn_dim, max_position_embeddings=cfg.max_positions,
+        scale_embedding=cfg.embeddings_scale, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        decoder_start_token_id=START_ID, forced_eos_token_id=None)
+    hf = getattr(transformers, f"{kind}ForConditionalGeneration")(hc)
+    ours = model.state_dict()
+    state = {}
+    for name, tensor in hf.state_dict().items():
+        mapped = parlai_name(name, cfg)
+        state[name] = (ours[mapped] if mapped else torch.zeros_like(tensor)
+                       if name == "final_logits_bias" else ours["embeddings.weight"])
+    hf.load_state_dict(state)
+    return hf.to(next(model.parameters()).dtype).eval()

@@ -21,6 +21,7 @@ rules are tested on hand-built logits and the engine can drive the same state st
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -88,6 +89,12 @@ class BeamState:
         return (self.eos_top and len(self.finished) >= self.options.width) or \
             self.steps >= self.options.max_tokens
 
+    @functools.cached_property
+    def _context_ngrams(self) -> dict[tuple[int, ...], list[int]]:
+        """The context's n-grams (n = beam_context_block_ngram) as prefix -> next tokens,
+        built once: the context does not change during the search."""
+        return ngram_index(self.context, self.options.beam_context_block_ngram)
+
     def prefixes(self) -> list[list[int]]:
         """The decoder inputs whose next-token logits the next ``advance`` wants."""
         return self.hyps[:1] if self.scores is None else self.hyps
@@ -101,11 +108,11 @@ class BeamState:
             prior = torch.zeros(1)
         else:
             prior = self.scores
-        logprobs = logprobs.clone()
-        if self.steps < opts.min_length:
+        if self.steps < opts.min_length:  # log_softmax's output is ours to edit
             logprobs[:, END_ID] = -NEAR_INF
         block(logprobs, self.hyps, opts.beam_block_ngram, None)
-        block(logprobs, self.hyps, opts.beam_context_block_ngram, self.context)
+        block(logprobs, self.hyps, opts.beam_context_block_ngram, self.context,
+              self._context_ngrams)
         if k == 1:  # greedy: each hypothesis keeps its own best token
             best, tokens = logprobs.max(dim=-1)
             scores, beams = best + prior, torch.arange(logprobs.shape[0])
@@ -140,20 +147,35 @@ class BeamState:
         return sorted(out, key=lambda h: -h.rescored)
 
 
+def ngram_index(tokens: Sequence[int], n: int) -> dict[tuple[int, ...], list[int]]:
+    """Every n-gram of ``tokens`` as its first n - 1 tokens -> the tokens that follow them."""
+    index: dict[tuple[int, ...], list[int]] = {}
+    for i in range(len(tokens) - n + 1 if n > 0 else 0):
+        index.setdefault(tuple(tokens[i:i + n - 1]), []).append(tokens[i + n - 1])
+    return index
+
+
 def block(logprobs: torch.Tensor, hyps: Sequence[Sequence[int]], n: int,
-          source: Sequence[int] | None) -> None:
+          source: Sequence[int] | None,
+          source_index: dict[tuple[int, ...], list[int]] | None = None) -> None:
     """-1e20 at every token that would complete an n-gram already in the hypothesis (or in
-    ``source``), in place: ParlAI's ``_block_ngrams``.  logprobs (rows, V)"""
+    ``source``, whose ``ngram_index`` may be given), in place: ParlAI's ``_block_ngrams``,
+    the blocked places written at once.  logprobs (rows, V)"""
     if n <= 0:
         return
+    if source is not None and source_index is None:
+        source_index = ngram_index(source, n)
+    rows, tokens = [], []
     for row, hyp in enumerate(hyps[:logprobs.shape[0]]):
         if len(hyp) < n - 1:
             continue
-        seen = hyp if source is None else source
-        prefix = list(hyp[len(hyp) - (n - 1):]) if n > 1 else []
-        for i in range(len(seen) - n + 1):
-            if n == 1 or list(seen[i:i + n - 1]) == prefix:
-                logprobs[row, seen[i + n - 1]] = -NEAR_INF
+        prefix = tuple(hyp[len(hyp) - (n - 1):]) if n > 1 else ()
+        found = source_index.get(prefix, ()) if source is not None else \
+            ngram_index(hyp, n).get(prefix, ())
+        rows += [row] * len(found)
+        tokens += found
+    if rows:
+        logprobs[torch.tensor(rows), torch.tensor(tokens)] = -NEAR_INF
 
 
 def search(step: Callable[[list[list[int]]], torch.Tensor], context: Sequence[int],
