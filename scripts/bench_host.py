@@ -7,7 +7,7 @@ A scripted forward returns fixed logits over a tiny vocabulary, so what is timed
 Python and the small tensor ops a step runs around the model on any device: planning the
 step, building its tensors, drawing (greedy), committing, and the per-sequence bookkeeping
 after the draw. On a GPU these are the gaps between forwards that CUDA graphs cannot remove.
-Prints the median and mean ms of each phase and writes bench_host.json.
+Prints the median and mean ms of each phase and writes bench-out/bench_host.json.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 64, 256])
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
-    ap.add_argument("--out", default="bench_host.json")
+    ap.add_argument("--out", type=Path, default=Path("bench-out"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     report = {}
@@ -79,8 +80,8 @@ def main(argv=None) -> int:
         print(f"{rows} sequences:")
         for k, v in report[rows].items():
             print(f"  {k:42s} median {v['median_ms']:.3f} ms   mean {v['mean_ms']:.3f} ms")
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_host.json").write_text(json.dumps(report, indent=1))
     return 0
 
 

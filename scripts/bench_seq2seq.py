@@ -74,6 +74,10 @@ def main(argv=None) -> int:
                    help="reply tokens at most (random weights rarely end earlier; the "
                         "recipe's 128 on a GPU)")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--forking", nargs="+", default=["copy", "share"], choices=["copy", "share"],
+                   help="how beams fork in our cache: copying histories (ParlAI's reorder) "
+                        "or sharing keys through tables (paged, block size 1); the first "
+                        "is the one compared with HF in the chart")
     p.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=Path("bench-out"))
@@ -89,29 +93,37 @@ def main(argv=None) -> int:
         hf = to_hf(model).to(device, DTYPES[args.dtype])
         model = model.to(device, DTYPES[args.dtype])
         context = min(args.context, cfg.max_positions)
-        engine = BeamEngine(model, max_groups=max(args.concurrency), max_beams=10,
-                            max_tokens=min(args.max_tokens, cfg.max_positions), context=context)
+        engines = {f: BeamEngine(model, max_groups=max(args.concurrency), max_beams=10,
+                                  max_tokens=min(args.max_tokens, cfg.max_positions),
+                                  context=context, forking=f) for f in args.forking}
         rows = {}
         for n in args.concurrency:
             batch = contexts(n, context, cfg.vocab_size, seed=n)
-            ours(engine, batch[:1], options)  # warm-up
-            mine, theirs = [], []
-            engine.reorder_seconds = engine.step_seconds = 0.0
+            mine = {f: [] for f in engines}
+            theirs = []
+            for f, engine in engines.items():
+                ours(engine, batch[:1], options)  # warm-up
+                engine.reorder_seconds = engine.step_seconds = 0.0
             for _ in range(args.rounds):
-                mine.append(ours(engine, batch, options))
+                for f, engine in engines.items():
+                    mine[f].append(ours(engine, batch, options))
                 theirs.append(hf_generate(hf, batch, options, device))
-            t_ours = statistics.median(t for t, _ in mine)
             t_hf = statistics.median(t for t, _ in theirs)
-            rows[n] = {"ours_s": t_ours, "hf_s": t_hf, "ours_replies_s": n / t_ours,
-                       "hf_replies_s": n / t_hf, "ratio": t_hf / t_ours,
-                       "ours_reply_tokens": mine[-1][1], "hf_reply_tokens": theirs[-1][1],
-                       # the beams' cache reordering (copies), of the engine's step time
-                       "reorder_share": engine.reorder_seconds / max(engine.step_seconds,
-                                                                     1e-9)}
-            print(f"{name} x{n:<3} ours {n / t_ours:7.2f} replies/s ({t_ours:6.2f} s)   "
-                  f"HF {n / t_hf:7.2f} replies/s ({t_hf:6.2f} s)   ours/HF "
-                  f"{t_hf / t_ours:.2f}x   (reordering: "
-                  f"{100 * rows[n]['reorder_share']:.1f} % of our steps)", flush=True)
+            row = {"hf_s": t_hf, "hf_replies_s": n / t_hf, "hf_reply_tokens": theirs[-1][1]}
+            for f, engine in engines.items():
+                t = statistics.median(x for x, _ in mine[f])
+                row[f] = {"s": t, "replies_s": n / t, "ratio": t_hf / t,
+                          "reply_tokens": mine[f][-1][1],
+                          # the beams' cache reordering, of the engine's step time
+                          "reorder_share": engine.reorder_seconds / max(engine.step_seconds,
+                                                                        1e-9)}
+                print(f"{name} x{n:<3} ours ({f}) {n / t:7.2f} replies/s ({t:6.2f} s)   HF "
+                      f"{n / t_hf:7.2f} replies/s ({t_hf:6.2f} s)   ours/HF {t_hf / t:.2f}x   "
+                      f"(reordering {100 * row[f]['reorder_share']:.1f} % of our steps)",
+                      flush=True)
+            first = row[args.forking[0]]
+            row.update(ours_replies_s=first["replies_s"], ratio=first["ratio"])
+            rows[n] = row
         results["models"][name] = rows
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench_seq2seq.json").write_text(json.dumps(results, indent=1))

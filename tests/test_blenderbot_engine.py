@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from opt_serving.blenderbot import parlai
-from opt_serving.blenderbot.batch import BeamBatch
+from opt_serving.blenderbot.batch import BeamBatch, SharedBeamBatch
 from opt_serving.blenderbot.config import PRESETS, START_ID
 from opt_serving.blenderbot.engine import BeamEngine
 from opt_serving.blenderbot.model import BlenderbotModel, init_random
@@ -42,12 +42,17 @@ def parlais(turn):
     return [(h["tokens"][1:-1], h["score"]) for h in turn["nbest"]]
 
 
+FORKING = ["copy", "share"]  # beams fork by copying histories / by sharing keys via tables
+
+
+@pytest.mark.parametrize("forking", FORKING)
 @pytest.mark.parametrize("kind", MODELS)
-def test_batched_groups_find_parlais_n_best_lists(kind):
+def test_batched_groups_find_parlais_n_best_lists(kind, forking):
     """Five requests through three group slots: groups join as others finish, so every
     request shares its steps with different neighbours at different lengths."""
     files, options, turns = loaded(kind)
-    engine = BeamEngine(files.model, max_groups=3, max_beams=10, max_tokens=options.max_tokens)
+    engine = BeamEngine(files.model, max_groups=3, max_beams=10, max_tokens=options.max_tokens,
+                        forking=forking)
     got = engine.run([t["history_vec"] for t in turns], options)
     for turn, results in zip(turns, got):
         ours, theirs = nbest(results), parlais(turn)
@@ -69,14 +74,15 @@ def _random_model(variant: str) -> BlenderbotModel:
     return init_random(BlenderbotModel(PRESETS[name]), seed=4, std=0.2).eval()
 
 
+@pytest.mark.parametrize("layout", [BeamBatch, SharedBeamBatch])
 @pytest.mark.parametrize("variant", ["prelayernorm", "xlm"])
-def test_cached_steps_equal_the_full_forward_at_ragged_lengths(variant):
+def test_cached_steps_equal_the_full_forward_at_ragged_lengths(variant, layout):
     """Two groups of 3 rows at different lengths and contexts: every step's logits equal the
     full-recompute decoder's on the same prefixes."""
     model = _random_model(variant)
     gen = torch.Generator().manual_seed(1)
     contexts = [torch.randint(4, 96, (n,), generator=gen).tolist() for n in (9, 5)]
-    batch = BeamBatch(model, groups=2, beams=3, steps=8, context=12)
+    batch = layout(model, groups=2, beams=3, steps=8, context=12)
     batch.encode([0, 1], contexts)
     prefixes = [[[START_ID] for _ in range(3)] for _ in contexts]
     starts = [0, 2]  # group 1 starts two steps later: positions differ within a step
@@ -106,7 +112,7 @@ def test_cross_attention_is_stored_once_per_group_not_per_beam():
     batch = BeamBatch(_random_model("prelayernorm"), groups=4, beams=10, steps=16, context=20)
     layers, heads = 2, 4
     assert batch.cross_keys.shape == (layers, 4, heads, 20, 8)  # no beam dimension
-    assert batch.keys.shape == (layers, 4, 10, heads, 16, 8)
+    assert batch.keys.shape == (layers, 4, 10, 16, heads, 8)
 
 
 def test_greedy_in_the_engine_equals_the_reference_search():
@@ -142,9 +148,11 @@ def test_requests_that_do_not_fit_are_refused_by_name(context, options, field, w
     assert engine.idle
 
 
-def test_a_cancelled_group_frees_its_slot_and_the_others_finish_unchanged():
+@pytest.mark.parametrize("forking", FORKING)
+def test_a_cancelled_group_frees_its_slot_and_the_others_finish_unchanged(forking):
     files, options, turns = loaded("byte-level")
-    engine = BeamEngine(files.model, max_groups=2, max_tokens=options.max_tokens)
+    engine = BeamEngine(files.model, max_groups=2, max_tokens=options.max_tokens,
+                        forking=forking)
     a, b, c = (engine.submit(t["history_vec"], options) for t in turns[:3])
     engine.step()
     engine.step()
