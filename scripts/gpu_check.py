@@ -1,6 +1,7 @@
 """Check the CUDA path on a GPU machine: the paged-decode kernel against the CPU engine's
-attention on 100 random fp16 batches, greedy ids with CUDA graphs == eager == HF, fp16 / bf16
-logits against fp32, cached decoding against a full forward, and decode-step timings.
+attention on 100 random fp16 batches, BlenderBot 1's engine against ParlAI's recorded n-best
+lists, greedy ids with CUDA graphs == eager == HF, fp16 / bf16 logits against fp32, cached
+decoding against a full forward, and decode-step timings.
 
     python scripts/gpu_check.py [--preset opt-125m] [--steps 64]
 
@@ -101,6 +102,39 @@ def check_graphs(model, steps: int = 32) -> bool:
     return good
 
 
+def check_blenderbot() -> bool:
+    """BlenderBot 1's engine on CUDA: the tiny models ParlAI trained must give ParlAI's
+    recorded n-best lists in fp32 (both fork layouts), and fp16 its best replies."""
+    import json
+    from pathlib import Path
+
+    from opt_serving.blenderbot import parlai
+    from opt_serving.blenderbot.engine import BeamEngine
+
+    fixtures = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "blenderbot1"
+    ok = True
+    for folder, recording in (("tiny", "parlai_1.7.2.json"), ("tiny-xlm", "parlai_1.7.2_xlm.json")):
+        files = parlai.load(fixtures / folder / "model")
+        recorded = json.loads((fixtures / recording).read_text())
+        options = parlai.search_options({**files.opt, **recorded["opt"]})
+        turns = [t for c in recorded["conversations"] for t in c["turns"]]
+        for dtype, forking in ((torch.float32, "share"), (torch.float32, "copy"),
+                               (torch.float16, "share")):
+            model = files.model.to("cuda", dtype)
+            engine = BeamEngine(model, max_groups=3, max_tokens=options.max_tokens,
+                                forking=forking)
+            got = engine.run([t["history_vec"] for t in turns], options)
+            if dtype == torch.float32:
+                same = all([list(h.tokens) for h in r] == [h["tokens"][1:-1] for h in t["nbest"]]
+                           for r, t in zip(got, turns))
+            else:  # fp16 rounding may reorder near n-best entries: the best reply must hold
+                same = all(list(r[0].tokens) == t["best"][1:-1] for r, t in zip(got, turns))
+            ok &= same
+            print(f"blenderbot {folder} {str(dtype):13s} {forking}: "
+                  f"{'ok' if same else 'FAIL'} ({len(turns)} recorded turns)")
+    return ok
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="opt-125m")
@@ -115,6 +149,7 @@ def main(argv=None) -> int:
     tokens = torch.randint(4, DICT_SIZE, (4, 48), generator=torch.Generator().manual_seed(1))
     tokens[:, 0] = 2
     ok = check_kernel()
+    ok &= check_blenderbot()
     for preset in ("opt-125m", "opt-1.3b"):
         graph_model = init_random(OPTModel(get_preset(preset)), seed=0).eval()
         with torch.no_grad():

@@ -23,3 +23,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv 2>&1 | tee "$OUT/gpu.txt"
 timeout "${CHECK_S:-200}" python3 scripts/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"
 timeout "${BENCH_S:-330}" python3 scripts/bench_gpu.py --out "$OUT" ${HTTP:+--http} 2>&1 \
   | tee "$OUT/bench_gpu.log"
+# BlenderBot 1 against HF generate on the GPU (optional: SEQ=1), the recipe's 128-token replies.
+if [ -n "${SEQ:-}" ]; then
+  timeout "${SEQ_S:-240}" python3 scripts/bench_seq2seq.py --device cuda --dtype fp16 \
+    --max-tokens 128 --rounds 1 --out "$OUT" 2>&1 | tee "$OUT/bench_seq2seq.log"
+fi

@@ -87,3 +87,25 @@ def test_reshard_inspect_reads_an_hf_folder_header_only(tmp_path):
     (report,) = json.loads(done.stdout)
     assert report["kind"] == "Hugging Face BlenderbotSmallForConditionalGeneration folder"
     assert report["variant"] == "xlm" and report["dtype"] == "float16"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"d_model": 1 << 30}, "embed_dim must be an integer between 1 and 32768"),
+    ({"decoder_layers": -3}, "num_decoder_layers must be an integer"),
+    ({"vocab_size": "many"}, "vocab_size must be an integer"),
+])
+def test_an_hf_config_with_absurd_sizes_is_refused_before_allocating(tmp_path, change, words):
+    """A crafted config.json must not make the loader allocate terabytes or loop: it is
+    refused by name, and the weights file is never read (there is none here)."""
+    from opt_serving.blenderbot.hf import load_folder
+    from opt_serving.checkpoint.errors import CheckpointError
+
+    config = {"architectures": ["BlenderbotForConditionalGeneration"], "model_type": "blenderbot",
+              "d_model": 32, "encoder_layers": 2, "decoder_layers": 2,
+              "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+              "encoder_ffn_dim": 64, "decoder_ffn_dim": 64, "vocab_size": 96,
+              "max_position_embeddings": 64, **change}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as err:
+        load_folder(tmp_path)
+    assert words in str(err.value)

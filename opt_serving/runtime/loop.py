@@ -4,7 +4,7 @@ Callers (HTTP threads, ``LLM.generate``) hand it ``RequestHandle``s through an i
 the handles; everything else happens on the loop thread, so the core needs no lock. Each
 iteration: take new requests and cancellations, expire requests past their deadline, then one
 step. ``Loop`` is that machinery; what a step is belongs to the subclass: ``engine.Engine``
-(OPT: the paged scheduler, several ranks) or ``blenderbot.serving.BeamLoop`` (beam groups).
+(OPT: the paged scheduler, several ranks) or ``beams.BeamLoop`` (beam groups).
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def serve_blenderbot(opts: BlenderServeOptions) -> int:
     """Load the model, start the loop, serve until SIGINT / SIGTERM."""
     from opt_serving.blenderbot import files
     from opt_serving.blenderbot.llm import Codec, build_engine, to_device
-    from opt_serving.blenderbot.serving import BeamLoop
+    from opt_serving.runtime.beams import BeamLoop
 
     from .app import create_app
     from .serve import write_ready_file

@@ -19,7 +19,7 @@ log = logging.getLogger("opt_serve.http")
 
 @dataclass(frozen=True)
 class Service:
-    engine: Engine  # or blenderbot.serving.BeamLoop (the same loop, another core)
+    engine: Engine  # or runtime.beams.BeamLoop (the same loop, another core)
     tokenizer: TextTokenizer  # metaseq's BPE, the demo's stand-in, or BlenderBot's Codec
     limits: ServiceConstants  # max_seq_len is the effective per-sequence limit
     model_name: str

@@ -1,6 +1,6 @@
-"""BlenderBot 1 behind the engine loop: ``BeamLoop`` runs a ``BeamEngine`` on the same loop
-thread machinery as OPT's engine (``runtime.loop``: inbox, deadlines, cancellation, failure,
-/metrics counters), so opt-serve's HTTP layer drives either.
+"""BlenderBot 1 behind the engine loop: ``BeamLoop`` runs a ``blenderbot.engine.BeamEngine``
+on the same loop machinery as OPT's engine (``loop.Loop``: inbox, deadlines, cancellation,
+failure, /metrics counters), so opt-serve's HTTP layer drives either.
 
 A request is one group per prompt; its handle completes when every group has finished, with
 each group's n-best list as its result. A step that raises fails the requests it was running
@@ -12,13 +12,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Sequence
 
+from opt_serving.blenderbot.engine import BeamEngine
+from opt_serving.blenderbot.search import SearchOptions
 from opt_serving.decoding.scheduler import QueueFull
-from opt_serving.runtime.handles import RequestHandle
-from opt_serving.runtime.loop import Loop
-from opt_serving.runtime.ranks import Control
 
-from .engine import BeamEngine
-from .search import SearchOptions
+from .handles import RequestHandle
+from .loop import Loop
+from .ranks import Control
 
 
 class BeamLoop(Loop):
