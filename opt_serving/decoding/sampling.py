@@ -44,6 +44,9 @@ class RowParams:
         self.all_greedy = bool(host["greedy"].all())
         self.greedy_rows = host["greedy"].tolist()
         self.min_tokens = bool((host["min_tokens"] > 0).any())  # some row may block EOS
+        # Whether drawing reads the rows' generated tokens (counts, lengths, sentence steps).
+        self.needs_history = (self.penalised or self.repeated or self.min_tokens
+                              or not self.all_greedy)
 
     @classmethod
     def stack(cls, params: Sequence[SamplingParams], device=None) -> "RowParams":
@@ -149,7 +152,8 @@ def process_logits(logits: torch.Tensor, rp: RowParams, *,
         x = apply_repetition_penalty(x, seen, rp.repetition_penalty)
     x = apply_temperature(x, rp.temperature)  # a new tensor: safe to edit
     # Dictionary padding (50265..50271) decodes to "": never produce it (metaseq #12).
-    x[:, dict_size:] = float("-inf")
+    if x.shape[-1] > dict_size:
+        x[:, dict_size:] = float("-inf")
     if generated_counts is not None:
         x = apply_penalties(x, generated_counts, rp.alpha_presence, rp.alpha_frequency)
     if source_counts is not None:

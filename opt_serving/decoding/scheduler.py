@@ -183,18 +183,19 @@ class Scheduler:
         it starts one, preempting the youngest sequence when the pool is full), then prompt
         chunks, oldest first, while ``step_tokens`` lasts."""
         decode, waiting, bs, preempted = [], [], self.block_size, self.preempted
+        add, row = decode.append, Row  # a step makes one row per running sequence
         for seq in list(self.running):
-            cached = seq.cached
-            todo = len(seq.prompt) + len(seq.generated) - cached  # seq.known - cached, inlined
-            if todo != 1 or seq.state != RUNNING:
+            cached, prompt, generated = seq.cached, seq.prompt, seq.generated
+            todo = len(prompt) + len(generated) - cached  # seq.known - cached, inlined
+            if todo != 1 or seq.state is not RUNNING:
                 if todo > 1:
                     waiting.append(seq)  # prompt left to compute
                 continue
+            blocks = seq.blocks
             # A block is taken when the new token starts one (the common case needs none).
-            if cached < len(seq.blocks) * bs or self._room(seq, cached + 1):
-                token = (seq.generated[-1] if cached >= len(seq.prompt) and seq.generated
-                         else seq.prompt[cached])
-                decode.append(Row(seq, cached, (token,), tuple(seq.blocks), True))
+            if cached < len(blocks) * bs or self._room(seq, cached + 1):
+                token = generated[-1] if generated and cached >= len(prompt) else prompt[cached]
+                add(row(seq, cached, (token,), tuple(seq.blocks), True))
         if self.preempted != preempted:  # _room preempted some
             decode = [r for r in decode if r.seq.state == RUNNING]
         budget, prefill = self.step_tokens, []

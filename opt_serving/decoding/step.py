@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -28,6 +29,7 @@ from .stopping import StopStatus, releasable
 from .work import LogitIndex, StepWork, build_work
 
 log = logging.getLogger("opt_serve.step")
+_SEQ_ID = operator.attrgetter("id")
 
 # The forward of one step: logits (S, V) at the packed rows the work selects.
 Forward = Callable[[StepWork], torch.Tensor]
@@ -68,7 +70,7 @@ class Stepper:
         sequences in the same order (most decode steps), so they are not built again."""
         if not seqs:
             return None
-        key = (tuple(s.id for s in seqs), str(device))
+        key = (tuple(map(_SEQ_ID, seqs)), str(device))
         if self._rows is None or self._rows[0] != key:
             self._rows = (key, RowParams.stack([s.options for s in seqs], device=device))
         return self._rows[1]
@@ -121,7 +123,7 @@ class Stepper:
                 events.append(Event(seq, error=EngineError(
                     500, f"generation failed for this request: {error}",
                     code="generation_failed")))
-        sampled = dict(zip([s.id for s in seqs], drawn.tokens))
+        sampled = dict(zip(map(_SEQ_ID, seqs), drawn.tokens))
         for j in drawn.failed:
             del sampled[seqs[j].id]
         self.scheduler.commit(plan, sampled)
@@ -130,13 +132,13 @@ class Stepper:
                 if seq.state == RUNNING and seq.max_tokens == 0:
                     events.append(self._finish(seq, StopStatus(True, "length", 0, 0)))
         tops = drawn.tops or [None] * len(seqs)
-        token_bytes = self.token_bytes
+        token_bytes, generated = self.token_bytes, 0
         for seq, token, logprob, top in zip(seqs, drawn.tokens, drawn.logprobs, tops):
             if seq.state != RUNNING:  # failed, or cancelled while the step ran
                 continue
             eos = token == EOS_ID
             status = seq.add(token, b"" if eos else token_bytes(token), logprob, top, eos)
-            self.tokens_generated += 1
+            generated += 1
             if status.stop:
                 events.append(self._finish(seq, status))
             elif seq.stream:
@@ -144,6 +146,7 @@ class Stepper:
                 delta = seq.delta(upto, bisect.bisect_right(seq.ends, upto), None)
                 if delta is not None:
                     events.append(Event(seq, delta=delta))
+        self.tokens_generated += generated
         return events
 
     def _finish(self, seq: Seq, status: StopStatus) -> Event:
@@ -187,8 +190,11 @@ def draw_isolated(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = 
     if not seqs:
         return Draws([], [], None, {})
     # Greedy rows draw nothing: only sampling rows need their RNG state kept.
-    greedy = rp.greedy_rows if rp is not None else [s.options.greedy for s in seqs]
-    states = [None if g else s.generator.get_state() for s, g in zip(seqs, greedy)]
+    if rp is not None and rp.all_greedy:
+        states = [None] * len(seqs)
+    else:
+        greedy = rp.greedy_rows if rp is not None else [s.options.greedy for s in seqs]
+        states = [None if g else s.generator.get_state() for s, g in zip(seqs, greedy)]
     try:
         return draw(seqs, logits, rp)
     except Exception:  # noqa: BLE001
@@ -214,10 +220,15 @@ def draw(seqs: list[Seq], logits: torch.Tensor, rp: RowParams | None = None) -> 
     scores are NaN (no distribution to draw from) fails with a ValueError instead, so that
     it alone fails."""
     rp = rp or RowParams.stack([s.options for s in seqs], device=logits.device)
+    # Only what the batch's options use is gathered from the rows (greedy rows without
+    # penalties, the common case, need none of it).
     tokens, lps = next_tokens(
-        logits, rp, generated=[s.generated for s in seqs], sources=[s.source for s in seqs],
-        stop_ids=[s.stop_ids for s in seqs], prompts=[s.prompt for s in seqs],
-        generators=[None if g else s.generator for s, g in zip(seqs, rp.greedy_rows)])
+        logits, rp, generated=[s.generated for s in seqs] if rp.needs_history else (),
+        sources=[s.source for s in seqs] if rp.src_penalised else (),
+        stop_ids=[s.stop_ids for s in seqs] if rp.min_tokens else (),
+        prompts=[s.prompt for s in seqs] if rp.repeated else (),
+        generators=() if rp.all_greedy else
+        [None if g else s.generator for s, g in zip(seqs, rp.greedy_rows)])
     # A NaN or +inf score leaves a NaN in its row of log-probs (all -inf: NaN everywhere):
     # the row's sum shows it, for a twentieth of the cost of isnan().any() over (N, V).
     broken = torch.isnan(lps.sum(dim=-1))  # (N,)
