@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import Any, Callable, Hashable
 
 import torch
 
@@ -246,3 +246,31 @@ class Loop:
                                "send fewer or shorter prompts", code="out_of_memory")
         return EngineError(500, f"generation failed: {type(exc).__name__}: {exc}",
                            code="generation_failed")
+
+
+def start_loaded(build: Callable[[], tuple[Loop, Any]],
+                 check: Callable[[], None] = lambda: None) -> tuple[Loop, Any]:
+    """``build()`` (load a model, make its loop) on a new thread that then runs the loop, so
+    that loading and every step's torch ops share one thread (``Loop.run_here`` says why).
+    Returns what ``build`` returned once the loop runs; raises what it raised; ``check`` is
+    called while waiting and may raise (a worker that died)."""
+    box: dict = {}
+    built = threading.Event()
+
+    def loader() -> None:
+        try:
+            box["built"] = build()
+        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
+            box["error"] = e
+            return
+        finally:
+            built.set()
+        box["built"][0].run_here()
+
+    threading.Thread(target=loader, name="engine-loop", daemon=True).start()
+    while not built.wait(0.2):
+        check()
+    if "error" in box:
+        raise box["error"]
+    box["built"][0].wait_running()
+    return box["built"]

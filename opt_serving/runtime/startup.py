@@ -39,6 +39,7 @@ from opt_serving.tokenizer import AssetError, Tokenizer, locate_assets
 
 from .builder import build_runner, build_scheduler
 from .engine import Engine
+from .loop import start_loaded
 from .naming import cli_name
 from .ranks import Control, worker_loop
 from .runner import StepRunner
@@ -318,39 +319,23 @@ def stop_workers(workers, timeout: float = 5.0) -> None:
 def start_engine(plan: Plan, env: distributed.RankEnv, tokenizer,
                  workers=()) -> tuple[Engine, Loaded]:
     """Rank 0: load this rank's part and its KV cache, and start the engine loop. Loading and
-    the loop share one thread, so that every torch op of this rank runs on it
-    (``Engine.run_here`` says why). A spawned worker that dies meanwhile ends the wait with a
-    StartupError naming it."""
+    the loop share one thread (``loop.start_loaded``). A spawned worker that dies meanwhile
+    ends the wait with a StartupError naming it."""
     opts = plan.options
-    box: dict = {}
-    loaded = threading.Event()
 
-    def engine_thread() -> None:
-        try:
-            rank = load_rank(plan, env)
-            scheduler = build_scheduler(rank.limits, rank.layout,
-                                        prefix_caching=opts.prefix_caching)
-            box["engine"] = Engine(runner=rank.runner, control=rank.control,
-                                   scheduler=scheduler, tokenizer=tokenizer,
-                                   request_timeout_s=rank.limits.request_timeout_s,
-                                   ping_interval_s=opts.ping_interval_s)
-            box["loaded"] = rank
-        except BaseException as e:  # noqa: BLE001 - raised again on the caller's thread
-            box["error"] = e
-            return
-        finally:
-            loaded.set()
-        box["engine"].run_here()
+    def build() -> tuple[Engine, Loaded]:
+        rank = load_rank(plan, env)
+        scheduler = build_scheduler(rank.limits, rank.layout, prefix_caching=opts.prefix_caching)
+        return Engine(runner=rank.runner, control=rank.control, scheduler=scheduler,
+                      tokenizer=tokenizer, request_timeout_s=rank.limits.request_timeout_s,
+                      ping_interval_s=opts.ping_interval_s), rank
 
-    threading.Thread(target=engine_thread, name="engine-loop", daemon=True).start()
-    while not loaded.wait(0.2):
+    def check() -> None:
         dead = dead_worker(workers)
         if dead is not None:  # the loading thread stays blocked in the rendezvous: a daemon
             raise StartupError(f"{dead} while the model was loading")
-    if "error" in box:
-        raise box["error"]
-    box["engine"].wait_running()
-    return box["engine"], box["loaded"]
+
+    return start_loaded(build, check)
 
 
 def spawn_workers(plan: Plan, log_level: str = "INFO") -> tuple[list, distributed.RankEnv]:

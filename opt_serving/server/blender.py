@@ -129,16 +129,22 @@ def serve_blenderbot(opts: BlenderServeOptions) -> int:
     from opt_serving.blenderbot import files
     from opt_serving.blenderbot.llm import Codec, build_engine, to_device
     from opt_serving.runtime.beams import BeamLoop
+    from opt_serving.runtime.loop import start_loaded
 
     from .app import create_app
     from .serve import write_ready_file
     from .wsgi import create_server
 
     c = opts.constants
-    loaded = files.load(opts.model_file, datapath=opts.datapath)
-    model = to_device(loaded.model, opts.device, opts.dtype)
-    core = build_engine(model, loaded, min(c.max_batch_size, 256), None)
-    loop = BeamLoop(core, request_timeout_s=c.request_timeout_s).start()
+
+    def build():  # on the loop's own thread (runtime.loop.start_loaded)
+        loaded = files.load(opts.model_file, datapath=opts.datapath)
+        model = to_device(loaded.model, opts.device, opts.dtype)
+        core = build_engine(model, loaded, min(c.max_batch_size, 256), None)
+        return BeamLoop(core, request_timeout_s=c.request_timeout_s), (loaded, model)
+
+    loop, (loaded, model) = start_loaded(build)
+    core = loop.core
     # What /v1/models and /tokenize report as max_model_len: the encoder's input.
     limits = dataclasses.replace(c, max_seq_len=core.context,
                                  default_max_tokens=min(c.default_max_tokens, core.context // 2))
