@@ -22,9 +22,6 @@ from .model import BlenderbotModel
 from .search import SearchOptions
 
 ZOO = "zoo:"
-# The generation options a caller may set, in ParlAI's names.
-SEARCH_NAMES = ("inference", "beam_size", "beam_min_length", "beam_block_ngram",
-                "beam_context_block_ngram", "beam_length_penalty", "max_tokens")
 
 
 def resolve(path: str | os.PathLike, datapath: str | None = None) -> Path:

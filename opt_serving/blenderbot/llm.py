@@ -16,8 +16,6 @@ file's ``.opt``, else the gen/blenderbot recipe. Requests run through the batchi
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,7 +23,8 @@ import torch
 
 from opt_serving.config import DTYPES
 from opt_serving.protocol import RequestError
-from opt_serving.protocol.seq2seq import Finished
+from opt_serving.protocol.seq2seq import (SEARCH_FIELDS, Finished, check_option,
+                                           unknown_name)
 
 from . import files
 from .engine import BeamEngine
@@ -55,27 +54,17 @@ class Reply:
 
 def search_options(defaults: SearchOptions, options: dict) -> SearchOptions:
     """``defaults`` with ``options`` (ParlAI names) applied; TypeError for an unknown name
-    (naming the nearest), ValueError naming the option for a bad value."""
-    unknown = sorted(set(options) - set(files.SEARCH_NAMES))
+    (naming the nearest), ValueError naming the option for a bad value. The checks are the
+    HTTP body's (``protocol.seq2seq.check_option``)."""
+    unknown = sorted(set(options) - set(SEARCH_FIELDS))
     if unknown:
-        near = difflib.get_close_matches(unknown[0], files.SEARCH_NAMES, n=1)
-        raise TypeError(f"unknown option {unknown[0]!r}" + (f"; did you mean {near[0]!r}?"
-                                                              if near else "") +
-                        f" (BlenderBot takes {', '.join(files.SEARCH_NAMES)})")
-    kinds = {"inference": str, "beam_length_penalty": float}
+        raise TypeError(unknown_name(unknown[0], tuple(SEARCH_FIELDS), "option"))
     for name, value in options.items():
-        kind = kinds.get(name, int)
-        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
-        if not ok or isinstance(value, bool):
-            raise ValueError(f"{name} must be {'a string' if kind is str else 'a number' if kind is float else 'an integer'}, got {value!r}")
-        if name == "beam_length_penalty" and not math.isfinite(value):
-            raise ValueError(f"beam_length_penalty must be finite, got {value!r}")
-        if kind is int and name.startswith("beam_") and name != "beam_size" and value < -1:
-            raise ValueError(f"{name} must be -1 (off) or more, got {value!r}")
-    try:
-        return dataclasses.replace(defaults, **options)
-    except ValueError as e:
-        raise ValueError(str(e)) from None
+        try:
+            check_option(name, value)
+        except RequestError as e:
+            raise ValueError(e.message) from None
+    return dataclasses.replace(defaults, **options)  # SearchOptions checks the rest
 
 
 class Codec:

@@ -53,30 +53,39 @@ def persona_text(persona: Sequence[str]) -> str:
                      for p in lines)
 
 
+def unknown_name(name: str, allowed: Sequence[str], what: str = "field") -> str:
+    """The message for a name that is not one of ``allowed``, with the nearest."""
+    near = difflib.get_close_matches(name, allowed, n=1)
+    return (f"unknown {what} {name!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+            + f" (BlenderBot takes {', '.join(allowed)})")
+
+
 def _check_fields(obj: dict, allowed: Sequence[str]) -> None:
     for name in obj:
         if name not in allowed:
-            near = difflib.get_close_matches(name, allowed, n=1)
-            raise RequestError(f"unknown field {name!r}" + (f"; did you mean {near[0]!r}?"
-                                                             if near else "") +
-                               f" (BlenderBot takes {', '.join(allowed)})", name)
+            raise RequestError(unknown_name(name, allowed), name)
+
+
+def check_option(name: str, value: Any) -> None:
+    """A generation option's value has its JSON kind and a sane size (RequestError naming
+    it); what SearchOptions itself refuses (beam_size 0, inference "topk") it says."""
+    kind = SEARCH_FIELDS[name]
+    ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+    if not ok or isinstance(value, bool):
+        what = {str: "a string", int: "an integer", float: "a number"}[kind]
+        raise RequestError(f"{name} must be {what}, got {value!r}", name)
+    if kind is int and not -1 <= value <= 1 << 20:
+        raise RequestError(f"{name} must be between -1 and {1 << 20}, got {value}", name)
+    if kind is float and not math.isfinite(value):
+        raise RequestError(f"{name} must be finite", name)
 
 
 def _options(obj: dict) -> tuple[tuple[str, Any], ...]:
     out = []
-    for name, kind in SEARCH_FIELDS.items():
-        if name not in obj:
-            continue
-        v = obj[name]
-        ok = isinstance(v, kind) or (kind is float and isinstance(v, int))
-        if not ok or isinstance(v, bool):
-            what = {str: "a string", int: "an integer", float: "a number"}[kind]
-            raise RequestError(f"{name} must be {what}, got {v!r}", name)
-        if kind is int and not -1 <= v <= 1 << 20:
-            raise RequestError(f"{name} must be between -1 and {1 << 20}, got {v}", name)
-        if kind is float and not math.isfinite(v):
-            raise RequestError(f"{name} must be finite", name)
-        out.append((name, v))
+    for name in SEARCH_FIELDS:
+        if name in obj:
+            check_option(name, obj[name])
+            out.append((name, obj[name]))
     if obj.get("stream"):
         raise RequestError("stream is not offered for BlenderBot: a beam search knows its "
                            "reply only at the end", "stream")
