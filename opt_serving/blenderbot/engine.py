@@ -19,6 +19,7 @@ from typing import Sequence
 
 import torch
 
+from opt_serving.decoding.scheduler import QueueFull
 from opt_serving.protocol import RequestError
 
 from .batch import BeamBatch, SharedBeamBatch
@@ -92,15 +93,20 @@ class BeamEngine:
                                f"{self.max_tokens}", "max_tokens")
 
     def submit(self, context: Sequence[int], options: SearchOptions) -> Group:
-        if len(self.waiting) >= self.max_queued:
-            from opt_serving.decoding.scheduler import QueueFull
+        return self.submit_all([context], options)[0]
 
+    def submit_all(self, contexts: Sequence[Sequence[int]],
+                   options: SearchOptions) -> tuple[Group, ...]:
+        """Queue one request's contexts, all or none: RequestError (400) naming what does
+        not fit, QueueFull (429) when the queue has no room for them all."""
+        for context in contexts:
+            self.check(context, options)
+        if len(self.waiting) + len(contexts) > self.max_queued:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting; "
                             f"try again later")
-        self.check(context, options)
-        group = Group(next(self._ids), tuple(context), options)
-        self.waiting.append(group)
-        return group
+        groups = tuple(Group(next(self._ids), tuple(c), options) for c in contexts)
+        self.waiting.extend(groups)
+        return groups
 
     def cancel(self, group: Group) -> None:
         if group in self.waiting:
@@ -167,7 +173,7 @@ class BeamEngine:
     def run(self, contexts: Sequence[Sequence[int]],
             options: SearchOptions) -> list[list[Hypothesis]]:
         """Every context's n-best list (submitted together, batched as they fit)."""
-        groups = [self.submit(c, options) for c in contexts]
+        groups = self.submit_all(contexts, options)
         while not self.idle:
             self.step()
         return [g.results for g in groups]

@@ -122,12 +122,10 @@ class BlenderbotLLM:
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
         contexts = [self.encode(p) for p in ([prompts] if single else list(prompts))]
-        for c in contexts:
-            try:
-                self.engine.check(c, search)
-            except RequestError as e:
-                raise ValueError(e.message) from None
-        results = self.engine.run(contexts, search)
+        try:
+            results = self.engine.run(contexts, search)  # checks them all before any step
+        except RequestError as e:
+            raise ValueError(e.message) from None
         return [self.reply(i, hyps) for i, hyps in enumerate(results)]
 
     def reply(self, index: int, hyps: Sequence[Hypothesis]) -> Reply:

@@ -14,7 +14,6 @@ from typing import Callable, Sequence
 
 from opt_serving.blenderbot.engine import BeamEngine
 from opt_serving.blenderbot.search import SearchOptions
-from opt_serving.decoding.scheduler import QueueFull
 
 from .handles import RequestHandle
 from .loop import Loop
@@ -40,14 +39,8 @@ class BeamLoop(Loop):
         return self.core.idle
 
     def _accept(self, handle: RequestHandle) -> None:
-        options, core = handle.request, self.core
         try:
-            for context in handle.prompt_ids:  # all or nothing
-                core.check(context, options)
-            if len(core.waiting) + len(handle.prompt_ids) > core.max_queued:
-                raise QueueFull(f"{len(core.waiting)} requests are already waiting; "
-                                f"try again later")
-            groups = tuple(core.submit(c, options) for c in handle.prompt_ids)
+            groups = self.core.submit_all(handle.prompt_ids, handle.request)
         except Exception as e:  # QueueFull -> 429, RequestError -> 400
             handle.reject(e)
             return
