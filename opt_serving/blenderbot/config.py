@@ -51,14 +51,23 @@ class BlenderbotConfig:
     def embed_scale(self) -> float:
         return math.sqrt(self.embed_dim) if self.embeddings_scale else 1.0
 
-    def param_count(self) -> int:
-        """Parameters of ``model.BlenderbotModel`` (one shared embedding), by arithmetic."""
+    def _layers(self) -> tuple[int, int]:
+        """Parameters of one (encoder, decoder) layer."""
         d, f = self.embed_dim, self.ffn_dim
         attention, ffn, norm = 4 * (d * d + d), d * f + f + f * d + d, 2 * d
-        encoder = self.num_encoder_layers * (attention + ffn + 2 * norm)
-        decoder = self.num_decoder_layers * (2 * attention + ffn + 3 * norm)
-        embeddings = self.vocab_size * d + 2 * self.max_positions * d + 2 * norm
-        return embeddings + encoder + decoder
+        return attention + ffn + 2 * norm, 2 * attention + ffn + 3 * norm
+
+    def param_count(self) -> int:
+        """Parameters of ``model.BlenderbotModel`` (one shared embedding), by arithmetic."""
+        encoder, decoder = self._layers()
+        d = self.embed_dim
+        embeddings = self.vocab_size * d + 2 * self.max_positions * d + 4 * d  # + 2 norms
+        return embeddings + self.num_encoder_layers * encoder + self.num_decoder_layers * decoder
+
+    def step_params(self) -> int:
+        """What one decoding step reads of them: the decoder layers and the (tied) output
+        embedding; the encoder runs once per request."""
+        return self.num_decoder_layers * self._layers()[1] + self.vocab_size * self.embed_dim
 
     def kv_bytes(self, beams: int, steps: int, context: int, itemsize: int) -> int:
         """The decoder cache of one request: keys and values of ``beams`` x ``steps`` reply

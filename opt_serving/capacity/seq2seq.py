@@ -79,20 +79,12 @@ class Seq2SeqPlan:
                 "replies_per_s": self.replies_per_s}
 
 
-def _decoder_read_bytes(cfg: BlenderbotConfig, itemsize: int) -> int:
-    """What one decode step reads of the weights: the decoder layers and the (tied) output
-    embedding; the encoder runs once per request."""
-    d, f = cfg.embed_dim, cfg.ffn_dim
-    layer = 2 * 4 * (d * d + d) + d * f + f + f * d + d + 6 * d
-    return (cfg.num_decoder_layers * layer + cfg.vocab_size * d) * itemsize
-
-
 def step_seconds(req: Seq2SeqRequest, requests: int, at_step: int) -> float:
     """A decode step of ``requests`` requests ``at_step`` tokens into their replies."""
     cfg, itemsize = req.cfg, get_dtype(req.dtype).act_bytes
     context = req.context or cfg.max_positions
     kv = requests * cfg.kv_bytes(req.beams, at_step, context, itemsize)
-    return (_decoder_read_bytes(cfg, itemsize) + kv) / req.gpu.bandwidth_bytes_per_s \
+    return (cfg.step_params() * itemsize + kv) / req.gpu.bandwidth_bytes_per_s \
         / req.efficiency
 
 
