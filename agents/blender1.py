@@ -99,6 +99,8 @@ def run(args, messages, out=None, err=None) -> int:
     when the model could not be loaded."""
     import sys
 
+    from agents.cli import CHAT_DONE, PARLAI_OPTIONS
+
     out, err = out or sys.stdout, err or sys.stderr
     persona = list(args.persona)
     try:
@@ -112,7 +114,6 @@ def run(args, messages, out=None, err=None) -> int:
         else:
             from opt_serving.blenderbot.llm import BlenderbotLLM
 
-            from agents.cli import PARLAI_OPTIONS
 
             opt = {name: getattr(args, name) for name, _, _ in PARLAI_OPTIONS
                    if getattr(args, name, None) is not None}
@@ -123,15 +124,10 @@ def run(args, messages, out=None, err=None) -> int:
         return 2
     chat = Blender1Chat(generate, persona=persona, safety=safety)
     failed = False
-    for message in messages:
-        message = message.strip()
-        if not message:
-            continue
-        if message == "[EXIT]":
-            break
+    for message in messages:  # stripped, non-blank, up to [EXIT] (``cli._messages``)
         if message == "[DONE]":
             chat.reset()
-            print("CHAT DONE\n\n[ Preparing new chat ... ]\n", file=out)
+            print(CHAT_DONE, file=out)
             continue
         try:
             turn = chat.respond(message)

@@ -19,6 +19,7 @@ from agents.safety import SAFETY_MODES
 from opt_serving.tokenizer import AssetError
 
 PROMPT = "Enter Your Message: "
+CHAT_DONE = "CHAT DONE\n\n[ Preparing new chat ... ]\n"  # ParlAI's, after [DONE]
 # ParlAI options -mf takes on the command line, as ParlAI's own flags (the model's .opt
 # otherwise; the gen/blenderbot recipe where the .opt is silent).
 PARLAI_OPTIONS = (
@@ -199,7 +200,7 @@ def print_debug(reply: Reply, err: TextIO) -> None:
     print(f"[bb3] turn latency {reply.latency_s:.2f}s", file=err, flush=True)
 
 
-def _messages(script: str | None, out: TextIO) -> Iterator[str]:
+def _lines(script: str | None, out: TextIO) -> Iterator[str]:
     if script is None:
         while True:
             try:
@@ -214,21 +215,27 @@ def _messages(script: str | None, out: TextIO) -> Iterator[str]:
                 yield line
 
 
+def _messages(script: str | None, out: TextIO) -> Iterator[str]:
+    """The partner's messages, stripped, blank ones skipped, until [EXIT]: what ParlAI's
+    interactive loops do for both bots (each handles [DONE] itself)."""
+    for line in _lines(script, out):
+        message = line.strip()
+        if message == "[EXIT]":
+            return
+        if message:
+            yield message
+
+
 def chat(agent: Agent, messages: Iterator[str], log: ConversationLog | None, *, debug: bool,
          out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> int:
     """The read-respond loop; returns 1 when a turn failed, else 0."""
     failed = False
-    for message in messages:
-        message = message.strip()
-        if not message:
-            continue
-        if message == "[EXIT]":
-            break
+    for message in messages:  # stripped, non-blank, up to [EXIT] (``_messages``)
         if message == "[DONE]":
             agent.reset(wipe_memory=agent.config.forget_on_done)
             if log:
                 log.new_conversation()
-            print("CHAT DONE\n\n[ Preparing new chat ... ]\n", file=out)
+            print(CHAT_DONE, file=out)
             continue
         if message == "/memories":
             memories = agent.memory.all()
