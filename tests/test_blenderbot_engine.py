@@ -14,7 +14,7 @@ from opt_serving.blenderbot import parlai
 from opt_serving.blenderbot.batch import BeamBatch, SharedBeamBatch
 from opt_serving.blenderbot.config import PRESETS, START_ID
 from opt_serving.blenderbot.engine import BeamEngine
-from opt_serving.blenderbot.model import BlenderbotModel, init_random
+from opt_serving.blenderbot.model import BlenderbotModel, full_recompute, init_random
 from opt_serving.blenderbot.search import SearchOptions, search
 from opt_serving.protocol import RequestError
 
@@ -123,12 +123,7 @@ def test_greedy_in_the_engine_equals_the_reference_search():
     engine = BeamEngine(model, max_groups=2, max_tokens=16)
     got = engine.run(contexts, options)
     for context, results in zip(contexts, got):
-        ctx = torch.tensor([context])
-        with torch.no_grad():
-            memory = model.encode(ctx)
-            want = search(lambda p: model.decode(torch.tensor(p), memory.expand(len(p), -1, -1),
-                                                 (ctx != 0).expand(len(p), -1))[:, -1],
-                          context, options)
+        want = search(full_recompute(model, context), context, options)
         assert [list(h.tokens) for h in results] == [list(h.tokens) for h in want]
         assert [h.rescored for h in results] == pytest.approx([h.rescored for h in want])
 
@@ -169,11 +164,6 @@ def test_the_engine_runs_in_bf16_as_the_reference_does():
     context = [5, 17, 40, 33, 2]
     options = SearchOptions(inference="beam", beam_size=4, beam_min_length=3, max_tokens=10)
     (got,) = BeamEngine(model, max_groups=2, max_beams=4, max_tokens=16).run([context], options)
-    ctx = torch.tensor([context])
-    with torch.no_grad():
-        memory = model.encode(ctx)
-        want = search(lambda p: model.decode(torch.tensor(p), memory.expand(len(p), -1, -1),
-                                             (ctx != 0).expand(len(p), -1))[:, -1],
-                      context, options)
+    want = search(full_recompute(model, context), context, options)
     assert [list(h.tokens) for h in got][:1] == [list(h.tokens) for h in want][:1]
     assert all(len(h.tokens) <= 10 for h in got)

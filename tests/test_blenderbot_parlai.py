@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from opt_serving.blenderbot import parlai
+from opt_serving.blenderbot.model import full_recompute
 from opt_serving.blenderbot.search import search
 from opt_serving.checkpoint.errors import CheckpointError
 
@@ -65,16 +66,8 @@ def test_beam_search_finds_parlais_n_best(kind, c, t, history, turn):
     files, recorded = loaded(kind)
     options = parlai.search_options({**files.opt, **recorded["opt"]})
     assert (options.beam_size, options.beam_min_length, options.max_tokens) == (10, 20, 32)
-    context = torch.tensor([turn["history_vec"]])
-    with torch.no_grad():
-        memory = files.model.encode(context)
-
-        def step(prefixes):
-            n = len(prefixes)
-            return files.model.decode(torch.tensor(prefixes), memory.expand(n, -1, -1),
-                                      (context != 0).expand(n, -1))[:, -1]
-
-        ours = search(step, turn["history_vec"], options)
+    ours = search(full_recompute(files.model, turn["history_vec"]), turn["history_vec"],
+                  options)
     theirs = turn["nbest"]
     assert [list(h.tokens) for h in ours] == [h["tokens"][1:-1] for h in theirs]
     assert [h.rescored for h in ours] == pytest.approx([h["score"] for h in theirs], abs=1e-5)

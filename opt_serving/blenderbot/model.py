@@ -17,6 +17,7 @@ This is the full-recompute reference; the engine's cached decoding is built on i
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +170,22 @@ class BlenderbotModel(nn.Module):
         logits = F.linear(self.decoder(tokens, memory, memory_mask), self.embeddings.weight)
         logits[..., START_ID] = neginf(logits.dtype)
         return logits
+
+
+def full_recompute(model: BlenderbotModel, context: Sequence[int]):
+    """``search``'s step function on the reference network: the context encoded once, each
+    call's decoder prefixes (n lists from ``__start__``) run whole -> next-token logits
+    (n, V). What the cached engine is tested against."""
+    ctx = torch.tensor([list(context)], device=model.embeddings.weight.device)
+    with torch.no_grad():
+        memory = model.encode(ctx)
+
+    @torch.no_grad()
+    def step(prefixes: list[list[int]]) -> torch.Tensor:
+        n = len(prefixes)
+        return model.decode(torch.tensor(prefixes, device=ctx.device),
+                            memory.expand(n, -1, -1), (ctx != 0).expand(n, -1))[:, -1]
+    return step
 
 
 def init_random(model: BlenderbotModel, seed: int = 0, std: float = 0.05) -> BlenderbotModel:
