@@ -108,20 +108,22 @@ class BlenderbotLLM:
     def __init__(self, path: str, *, device: str | None = None, dtype: str | None = None,
                  datapath: str | None = None, opt: dict | None = None, max_batch: int = 32,
                  max_beams: int | None = None):
-        self.loaded = loaded = files.load(path, datapath=datapath, overrides=opt)
+        loaded = files.load(path, datapath=datapath, overrides=opt)
         self.model, self.name = to_device(loaded.model, device, dtype), loaded.name
         self.engine = build_engine(self.model, loaded, max_batch, max_beams)
         self.codec = Codec(loaded, self.engine.context)
-        self.tokenizer, self.history, self.defaults = (loaded.tokenizer, loaded.history,
-                                                       loaded.search)
-        self.history_vector, self.encode = self.codec.history_vector, self.codec.encode
+        self.defaults = loaded.search  # the model's .opt, else the recipe
+
+    def history_vector(self, turns: Sequence[str]) -> list[int]:
+        """ParlAI's encoder input for a conversation (``Codec.history_vector``)."""
+        return self.codec.history_vector(turns)
 
     def generate(self, prompts, **options) -> list[Reply]:
         """One reply per prompt, in order, with its n-best list."""
         search = search_options(self.defaults, options)
         single = isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                               and isinstance(prompts[0], int))
-        contexts = [self.encode(p) for p in ([prompts] if single else list(prompts))]
+        contexts = [self.codec.encode(p) for p in ([prompts] if single else list(prompts))]
         try:
             results = self.engine.run(contexts, search)  # checks them all before any step
         except RequestError as e:
