@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opt_serving.blenderbot.batch import BeamBatch
+from opt_serving.blenderbot.batch import SharedBeamBatch
 from opt_serving.blenderbot.config import PRESETS
 from opt_serving.blenderbot.model import BlenderbotModel
 from opt_serving.capacity.gpus import get_gpu
@@ -32,9 +32,10 @@ def test_parameter_counts_are_the_networks(name):
 def test_a_request_costs_what_the_engine_allocates_for_one_group():
     cfg = PRESETS["blender-tiny"]
     model = BlenderbotModel(cfg)
-    one = BeamBatch(model, groups=1, beams=10, steps=40, context=30)
+    one = SharedBeamBatch(model, groups=1, beams=10, steps=40, context=30)  # the default
     allocated = sum(t.numel() * t.element_size()
-                    for t in (one.keys, one.values, one.cross_keys, one.cross_values))
+                    for t in (one.keys, one.values, one.cross_keys, one.cross_values,
+                              one.tables, one.cross_mask))
     plan = plan_seq2seq(Seq2SeqRequest(cfg=cfg, gpu=get_gpu("t4"), dtype="fp32", beams=10,
                                        context=30, reply=40, concurrency=1))
     assert plan.request_bytes == allocated

@@ -92,7 +92,10 @@ def plan_seq2seq(req: Seq2SeqRequest) -> Seq2SeqPlan:
     cfg, itemsize = req.cfg, get_dtype(req.dtype).act_bytes
     weights = cfg.param_count() * itemsize
     context, reply = req.context or cfg.max_positions, req.reply or cfg.max_positions
-    per_request = cfg.kv_bytes(req.beams, reply, context, itemsize)
+    # The keys and values, the beams' tables (an int64 arena row per position: the engine's
+    # default, beams sharing keys) and the context's mask (a bool per position).
+    per_request = cfg.kv_bytes(req.beams, reply, context, itemsize) + 8 * req.beams * reply \
+        + context
     budget = int(req.gpu.memory_bytes * req.utilisation) - weights - req.reserve_bytes
     most = max(0, budget // per_request)
     steps = req.typical_reply
